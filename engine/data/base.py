@@ -1,0 +1,56 @@
+"""What the training loop needs from a data source."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, Protocol
+
+import torch
+
+
+@dataclass
+class Batch:
+    x: torch.Tensor  # [B, C, H, W] images in [-1, 1], or latents
+    labels: torch.Tensor  # [B] long class / style ids
+
+    def to(self, device: torch.device | str) -> "Batch":
+        return Batch(self.x.to(device, non_blocking=True), self.labels.to(device, non_blocking=True))
+
+
+class DataSource(Protocol):
+    """A source of training batches whose order is a pure function of (seed, rank, batch number).
+
+    That makes the data position of a run one integer (micro-batches drawn so far), so a resumed
+    run draws exactly the batches an uninterrupted run would have drawn.
+    """
+
+    sample_shape: tuple[int, int, int]  # [C, H, W] of one sample
+    class_names: list[str]  # label i is class_names[i]
+
+    def batches(self, start: int, batch_size: int) -> Iterator[Batch]:
+        """Micro-batches number `start`, `start + 1`, ... (each `batch_size` samples)."""
+        ...
+
+
+def batch_seed(seed: int, rank: int, number: int, stream: int = 0) -> int:
+    """A well-mixed 63-bit seed for one (seed, rank, counter) triple (splitmix64 finaliser).
+
+    `stream` separates independent uses of the same counter (data draws use stream 0; the
+    training loop's per-step RNG another), so they never share random numbers."""
+    z = (seed * 0x9E3779B97F4A7C15 + rank * 0xBF58476D1CE4E5B9 + number * 0x94D049BB133111EB
+         + stream * 0xD6E8FEB86659FD93) & (2**64 - 1)
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & (2**64 - 1)
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & (2**64 - 1)
+    return (z ^ (z >> 31)) & (2**63 - 1)
+
+
+@dataclass
+class DataInfo:
+    """What a method needs to know about its data when no data is loaded (e.g. sampling from a
+    checkpoint): the shape of one sample and the class names. Saved in every checkpoint."""
+
+    sample_shape: tuple[int, int, int]
+    class_names: list[str]
+
+    def batches(self, start: int, batch_size: int) -> Iterator[Batch]:
+        raise RuntimeError("no data is loaded here: this run was opened from a checkpoint for sampling")

@@ -1,0 +1,124 @@
+"""The training loop end to end on CPU: resume, run directory, non-finite stops, signals."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import engine.train as train_module
+from engine.checkpoint import latest_checkpoint
+from engine.config import load_config
+from engine.train import NonFiniteLossError, train
+
+TINY = ["--data.source=builtin:textures", "--data.image_size=16", "--model.channels=16",
+        "--model.channel_mult=[1,2]", "--model.attention_resolutions=[8]", "--model.num_res_blocks=1",
+        "--model.num_groups=8", "--model.dropout=0.1", "--train.batch_size=4", "--train.warmup_steps=2",
+        "--ddpm.timesteps=50", "--sample.num=4", "--sample.steps=3", "--log.every=1",
+        "--log.tensorboard=false", "--checkpoint.every=2", "--train.device=cpu", "--data.num_workers=0"]
+
+
+def tiny_config(run_dir: Path, *extra: str):
+    return load_config(None, [*TINY, f"--run.dir={run_dir}", *extra])
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return {row["step"]: row["loss"] for row in map(json.loads, lines)}
+
+
+def test_resume_replays_identical_losses(tmp_path):
+    straight = tmp_path / "straight"
+    train(tiny_config(straight, "--train.steps=6", "--sample.every=0"))
+
+    resumed = tmp_path / "resumed"
+    first = train(tiny_config(resumed, "--train.steps=6", "--sample.every=0"),
+                  should_stop=lambda step: step == 3)
+    assert first.stopped_early and first.step == 3
+    assert latest_checkpoint(resumed / "checkpoints").step == 3
+    second = train(tiny_config(resumed, "--train.steps=6", "--sample.every=0"))
+    assert second.step == 6 and not second.stopped_early
+
+    assert losses(straight) == losses(resumed)  # bit-identical, every step
+    weights_a = latest_checkpoint(straight / "checkpoints").model_state()
+    weights_b = latest_checkpoint(resumed / "checkpoints").model_state()
+    assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
+
+
+def test_run_directory_holds_config_metrics_samples_and_checkpoints(tmp_path):
+    run = tmp_path / "run"
+    train(tiny_config(run, "--train.steps=5", "--sample.every=2", "--checkpoint.keep=2",
+                      "--train.grad_accum=2"))
+    assert load_config(run / "config.toml").train.steps == 5
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]
+    assert all({"loss", "lr", "grad_norm"} <= r.keys() for r in rows)
+    assert len(rows[0]) > 5, "each loss term should be logged under its own key"
+    assert sorted(p.name for p in (run / "samples").glob("*.png")) == ["step-0000002.png", "step-0000004.png"]
+    # every 2 steps plus one at the end, newest 2 kept
+    assert sorted(p.name for p in (run / "checkpoints").glob("step-*")) == ["step-4", "step-5"]
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step-5"
+
+
+def test_non_finite_loss_stops_before_the_update(tmp_path, monkeypatch):
+    real_build = train_module.build_method
+    seen = {}
+
+    def build_poisoned(cfg, data):
+        method = real_build(cfg, data)
+        real_forward = method.forward
+        calls = {"n": 0}
+
+        def forward(batch):
+            calls["n"] += 1
+            out = real_forward(batch)
+            if calls["n"] == 3:
+                seen["weights"] = {k: v.clone() for k, v in method.state_dict().items()}
+                out.loss = out.loss * float("nan")
+            return out
+
+        method.forward = forward
+        seen["method"] = method
+        return method
+
+    monkeypatch.setattr(train_module, "build_method", build_poisoned)
+    with pytest.raises(NonFiniteLossError, match="step 3"):
+        train(tiny_config(tmp_path / "run", "--train.steps=6", "--sample.every=0"))
+    after = seen["method"].state_dict()
+    assert all(torch.equal(after[k], seen["weights"][k]) for k in after), "the NaN update was applied"
+    assert latest_checkpoint(tmp_path / "run" / "checkpoints").step == 2
+
+
+def test_damaged_newest_checkpoint_resumes_from_the_previous(tmp_path):
+    run = tmp_path / "run"
+    train(tiny_config(run, "--train.steps=4", "--sample.every=0"))
+    (run / "checkpoints" / "step-4" / "model.safetensors").write_bytes(b"\0" * 10)
+    with pytest.warns(UserWarning, match="skipping damaged checkpoint"):
+        result = train(tiny_config(run, "--train.steps=6", "--sample.every=0"))
+    assert result.step == 6
+    assert sorted(losses(run)) == [1, 2, 3, 4, 5, 6]
+
+
+def test_ctrl_c_saves_a_checkpoint_and_rerun_resumes(tmp_path):
+    run = tmp_path / "run"
+    config = tmp_path / "tiny.toml"
+    config.write_text(tiny_config(run, "--train.steps=400", "--sample.every=0",
+                                  "--checkpoint.every=1000").to_toml())
+    command = [sys.executable, "-c", "from engine.cli import train_main; train_main()", str(config)]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    deadline = time.time() + 120
+    while not ((run / "metrics.jsonl").exists() and (run / "metrics.jsonl").read_text().count("\n") >= 2):
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    stopped_at = latest_checkpoint(run / "checkpoints").step
+    assert 2 <= stopped_at < 400
+    assert "rerun the same command to resume" in out
