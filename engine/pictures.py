@@ -1,0 +1,115 @@
+"""Pictures in and out: sample grids, PNG files, and the PIL <-> tensor conversions the image
+data sources share.
+
+Convention: an image tensor is float [C, H, W] (or a batch [N, C, H, W]) with values in [-1, 1];
+C is 3 (RGB) or 1 (grey). Latents (e.g. 4 channels) are not images: decode them first.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+# What PIL raises on a missing, truncated, corrupt or absurdly large image: a bad PNG chunk is a
+# SyntaxError, a truncated stream an OSError, an unknown format UnidentifiedImageError (an OSError).
+PIL_READ_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+
+def open_rgb(path: str | Path, min_size: int | None = None) -> Image.Image:
+    """Decode an image file as RGB (grey and palette images are expanded, alpha is dropped).
+
+    `min_size`: the caller will shrink the image so its shorter side is this; JPEGs are then
+    decoded at a reduced scale (DCT scaling) that still keeps both sides >= min_size, which is
+    several times faster on large photos.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"image not found: {path}")
+    try:
+        with Image.open(path) as image:
+            if min_size is not None:
+                image.draft("RGB", (min_size, min_size))
+            return image.convert("RGB")  # convert() decodes the whole file, so corruption shows here
+    except PIL_READ_ERRORS as err:
+        raise ValueError(f"cannot read image {path} ({type(err).__name__}: {err}); "
+                         f"replace or delete the file (PNG or JPEG expected)") from err
+
+
+def resize_shorter_side(image: Image.Image, side: int) -> Image.Image:
+    """Scale (up or down, keeping the aspect ratio) so that the shorter side is exactly `side`."""
+    width, height = image.size
+    scale = side / min(width, height)
+    size = (max(side, round(width * scale)), max(side, round(height * scale)))
+    if size == image.size:
+        return image
+    return image.resize(size, Image.Resampling.BICUBIC)  # PIL's resize antialiases when shrinking
+
+
+def image_to_tensor(image: Image.Image) -> torch.Tensor:
+    """PIL RGB (or L) image -> float [C, H, W] in [-1, 1]."""
+    array = np.asarray(image, dtype=np.uint8)
+    if array.ndim == 2:
+        array = array[:, :, None]
+    return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
+
+
+def load_image(path: str | Path, size: int | None = None) -> torch.Tensor:
+    """An image file as float [3, H, W] in [-1, 1].
+
+    `size`: resize so the shorter side is `size`, then take the centred size x size square.
+    """
+    image = open_rgb(path, min_size=size)
+    if size is not None:
+        image = resize_shorter_side(image, size)
+        left, top = (image.width - size) // 2, (image.height - size) // 2
+        image = image.crop((left, top, left + size, top + size))
+    return image_to_tensor(image)
+
+
+def make_grid(images: torch.Tensor, nrow: int, padding: int = 2) -> np.ndarray:
+    """Images [N, C, H, W] in [-1, 1] (C = 3 or 1) -> one uint8 picture [H', W', C].
+
+    `nrow` images per row, rows filled left to right, top to bottom; `padding` black pixels
+    between cells and around the border; cells past N stay black.
+    """
+    if images.ndim != 4 or images.shape[1] not in (1, 3):
+        raise ValueError(f"make_grid: expected images [N, 1 or 3, H, W], got shape {tuple(images.shape)}; "
+                         f"latents must be decoded to images first")
+    if nrow < 1 or padding < 0:
+        raise ValueError(f"make_grid: need nrow >= 1 and padding >= 0, got nrow={nrow}, padding={padding}")
+    count, channels, height, width = images.shape
+    rows = math.ceil(count / nrow)
+    pixels = images.detach().float().cpu().clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8)
+    grid = torch.zeros(rows * (height + padding) + padding, nrow * (width + padding) + padding, channels,
+                       dtype=torch.uint8)
+    for index in range(count):
+        row, col = divmod(index, nrow)
+        top, left = padding + row * (height + padding), padding + col * (width + padding)
+        grid[top:top + height, left:left + width] = pixels[index].permute(1, 2, 0)
+    return grid.numpy()
+
+
+def save_grid(images: torch.Tensor, path: str | Path, nrow: int, padding: int = 2) -> None:
+    """Write `make_grid(images, nrow, padding)` as a PNG, atomically: a reader never sees half a
+    file. One image with nrow=1, padding=0 saves that image alone."""
+    path = Path(path)
+    grid = make_grid(images, nrow, padding)
+    picture = Image.fromarray(grid[:, :, 0] if grid.shape[2] == 1 else grid)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        picture.save(temporary, format="PNG")
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def grid_for_tensorboard(images: torch.Tensor, nrow: int, padding: int = 2) -> torch.Tensor:
+    """The grid as TensorBoard's `add_image` wants it: float [3, H', W'] in [0, 1]."""
+    grid = torch.from_numpy(make_grid(images, nrow, padding)).permute(2, 0, 1).float().div_(255.0)
+    return grid.expand(3, -1, -1).contiguous() if grid.shape[0] == 1 else grid

@@ -1,0 +1,265 @@
+import itertools
+import multiprocessing
+import socket
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from engine.config import ConfigError, DataConfig
+from engine.data import build_data_source
+from engine.data.builtin import BuiltinTextures, builtin_shorter_side
+from engine.data.images import AugmentedImages, EpochStreamBatchSampler, ImageFolderSource
+
+
+def take(batches, count):
+    return list(itertools.islice(batches, count))
+
+
+def assert_same_batches(a, b):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert torch.equal(x.x, y.x) and torch.equal(x.labels, y.labels)
+
+
+def write_png(path: Path, pixels: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).save(path, format="PNG")
+
+
+def random_folder(root: Path, counts: dict[str, int], rng: np.random.Generator) -> Path:
+    """Class folders of random-noise PNGs, some wider than high and some higher than wide."""
+    for name, count in counts.items():
+        for i in range(count):
+            shape = (10, 14, 3) if i % 2 else (13, 9, 3)
+            write_png(root / name / f"{i}.png", rng.integers(0, 256, shape, dtype=np.uint8))
+    return root
+
+
+# --------------------------------------------------------------------------- built-in textures
+
+
+def test_builtin_batches_are_crops_in_range_with_valid_labels(seed):
+    source = BuiltinTextures(image_size=8, flip=True, seed=seed)
+    batch = next(source.batches(0, batch_size=16))
+
+    assert source.sample_shape == (3, 8, 8)
+    assert batch.x.shape == (16, 3, 8, 8) and batch.x.dtype == torch.float32
+    assert -1 <= batch.x.min() and batch.x.max() <= 1
+    assert batch.labels.dtype == torch.long
+    assert 0 <= batch.labels.min() and batch.labels.max() < len(source.class_names)
+
+
+def test_builtin_batch_is_a_function_of_seed_and_number(seed):
+    first = take(BuiltinTextures(8, True, seed).batches(0, 8), 3)
+    again = take(BuiltinTextures(8, True, seed).batches(0, 8), 3)
+    other_seed = take(BuiltinTextures(8, True, seed + 1).batches(0, 8), 1)
+
+    assert_same_batches(first, again)
+    assert not torch.equal(first[0].x, first[1].x)
+    assert not torch.equal(first[0].x, other_seed[0].x)
+
+
+def test_builtin_resume_replays_the_same_batches(seed):
+    source = BuiltinTextures(8, True, seed)
+    assert_same_batches(take(source.batches(5, 4), 3), take(source.batches(0, 4), 8)[5:])
+
+
+def test_builtin_crop_extraction_matches_slicing_each_picture(seed):
+    source = BuiltinTextures(8, True, seed)
+    n = 32
+    labels = torch.randint(len(source.class_names), (n,))
+    heights, widths = (torch.tensor([p.shape[dim] for p in source.pictures])[labels] for dim in (1, 2))
+    top = (torch.rand(n) * (heights - 8 + 1)).long()
+    left = (torch.rand(n) * (widths - 8 + 1)).long()
+    flipped = torch.rand(n) < 0.5
+
+    crops = source.extract_crops(labels, top, left, flipped)
+
+    for i in range(n):
+        expected = source.pictures[labels[i]][:, top[i]:top[i] + 8, left[i]:left[i] + 8]
+        assert torch.equal(crops[i], expected.flip(-1) if flipped[i] else expected)
+
+
+def test_builtin_flip_off_never_mirrors(seed):
+    generator = torch.Generator()
+    plain = BuiltinTextures(8, False, seed).draw_crops(64, generator.manual_seed(seed))
+    maybe_flipped = BuiltinTextures(8, True, seed).draw_crops(64, generator.manual_seed(seed))
+
+    assert torch.equal(plain.labels, maybe_flipped.labels)
+    mirrored = [not torch.equal(a, b) for a, b in zip(plain.x, maybe_flipped.x)]
+    assert any(mirrored)
+    for a, b, m in zip(plain.x, maybe_flipped.x, mirrored):
+        assert torch.equal(a.flip(-1), b) if m else torch.equal(a, b)
+
+
+def test_builtin_pictures_load_without_network(monkeypatch):
+    def no_network(*args, **kwargs):
+        raise OSError("network disabled by the test")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    source = BuiltinTextures(8, True, 0)
+
+    assert len(source.class_names) >= 10
+    assert all(p.shape[0] == 3 and min(p.shape[1:]) == 32 for p in source.pictures)  # 4 x image_size
+
+
+def test_builtin_picture_side_is_four_crops_capped_by_native_size():
+    assert builtin_shorter_side(512, 32) == 128
+    assert builtin_shorter_side(512, 256) == 512  # never upscaled beyond the native size ...
+    assert builtin_shorter_side(172, 256) == 256  # ... unless a crop would not fit
+
+
+# --------------------------------------------------------------------------- image folders
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_folder_resume_replays_identical_batches(tmp_path, seed, num_workers):
+    root = random_folder(tmp_path, {"a": 3, "b": 2, "c": 2}, np.random.default_rng(seed))
+    reference = ImageFolderSource(root, image_size=8, flip=True, seed=seed, num_workers=0)
+    resumed = ImageFolderSource(root, image_size=8, flip=True, seed=seed, num_workers=num_workers)
+
+    uninterrupted = take(reference.batches(0, batch_size=3), 6)
+    assert_same_batches(take(resumed.batches(4, batch_size=3), 2), uninterrupted[4:])
+    assert uninterrupted[0].x.shape == (3, 3, 8, 8) and -1 <= uninterrupted[0].x.min()
+
+
+def test_folder_visits_every_image_once_per_epoch_with_its_label(tmp_path, seed):
+    # Each image is one flat grey level (its id) at exactly the crop size, so a sample names its file.
+    counts = {"b_dogs": 3, "a_cats": 4}
+    level_to_class = {}
+    for class_name, count in counts.items():
+        for i in range(count):
+            level = 10 * (len(level_to_class) + 1)
+            write_png(tmp_path / class_name / f"{i}.png", np.full((8, 8, 3), level, dtype=np.uint8))
+            level_to_class[level] = class_name
+    source = ImageFolderSource(tmp_path, image_size=8, flip=True, seed=seed, num_workers=0)
+
+    samples = [(round((x[0, 0, 0].item() + 1) * 127.5), label.item())
+               for batch in take(source.batches(0, batch_size=3), 5) for x, label in zip(batch.x, batch.labels)]
+
+    assert source.class_names == ["a_cats", "b_dogs"]
+    assert source.class_counts == {"a_cats": 4, "b_dogs": 3}
+    for epoch in (samples[:7], samples[7:14]):
+        assert sorted(level for level, _ in epoch) == sorted(level_to_class)
+    assert all(source.class_names[label] == level_to_class[level] for level, label in samples)
+
+
+def test_epochs_are_differently_shuffled_and_batches_continue_across_them(seed):
+    sampler = EpochStreamBatchSampler(num_samples=50, batch_size=15, seed=seed, rank=0, start=0)
+    stream = [index for batch in take(iter(sampler), 7) for index, _ in batch]  # 105 samples
+
+    assert sorted(stream[:50]) == list(range(50)) and sorted(stream[50:100]) == list(range(50))
+    assert stream[:50] != stream[50:100]
+    other_rank = EpochStreamBatchSampler(50, 15, seed, rank=1, start=0)
+    assert [i for i, _ in other_rank.batch(0)] != stream[:15]
+
+
+def test_folder_augmentation_is_a_seeded_random_crop_and_flip(tmp_path, seed):
+    pixels = np.random.default_rng(seed).integers(0, 256, (8, 12, 3), dtype=np.uint8)
+    write_png(tmp_path / "only" / "wide.png", pixels)
+    image = torch.from_numpy(pixels).permute(2, 0, 1).float() / 127.5 - 1
+    windows = {(left, flipped): image[:, :, left:left + 8].flip(-1) if flipped else image[:, :, left:left + 8]
+               for left in range(5) for flipped in (False, True)}
+
+    def placements(flip: bool) -> set:
+        dataset = AugmentedImages([(tmp_path / "only" / "wide.png", 0)], image_size=8, flip=flip)
+        found = set()
+        for aug_seed in range(seed, seed + 40):
+            crop, _ = dataset[(0, aug_seed)]
+            assert torch.equal(crop, dataset[(0, aug_seed)][0])  # same seed, same crop
+            found |= {key for key, window in windows.items() if torch.equal(crop, window)}
+        return found
+
+    with_flip, without_flip = placements(True), placements(False)
+    assert {f for _, f in with_flip} == {False, True} and len({left for left, _ in with_flip}) > 1
+    assert {f for _, f in without_flip} == {False}
+
+
+def test_folder_scan_finds_any_case_png_and_jpeg_and_skips_other_files(tmp_path):
+    rng = np.random.default_rng(0)
+    for name in ("a.PNG", "b.jpeg", "sub/c.JPG"):
+        path = tmp_path / "x" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (9, 9, 3), dtype=np.uint8)).save(
+            path, format="PNG" if name.endswith("PNG") else "JPEG")
+    (tmp_path / "x" / "notes.txt").write_text("not an image")
+    write_png(tmp_path / ".hidden" / "z.png", np.zeros((9, 9, 3), dtype=np.uint8))
+
+    source = ImageFolderSource(tmp_path, image_size=8, flip=False, seed=0)
+
+    assert source.class_names == ["x"] and source.class_counts == {"x": 3}
+
+
+def test_missing_folder_is_reported_with_the_expected_layout(tmp_path):
+    with pytest.raises(FileNotFoundError, match=f"folder not found: {tmp_path / 'nope'}.*sub-folder per class"):
+        ImageFolderSource(tmp_path / "nope", 8, True, 0)
+
+
+def test_folder_without_class_folders_is_reported(tmp_path):
+    write_png(tmp_path / "loose.png", np.zeros((9, 9, 3), dtype=np.uint8))
+    with pytest.raises(ValueError, match="no class sub-folders"):
+        ImageFolderSource(tmp_path, 8, True, 0)
+
+
+def test_empty_class_folder_is_reported_by_name(tmp_path):
+    random_folder(tmp_path, {"full": 1}, np.random.default_rng(0))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match=f"{tmp_path / 'empty'} has no PNG/JPEG images"):
+        ImageFolderSource(tmp_path, 8, True, 0)
+
+
+def test_corrupt_image_fails_at_start_naming_the_file(tmp_path):
+    random_folder(tmp_path, {"a": 2}, np.random.default_rng(0))
+    good = (tmp_path / "a" / "0.png").read_bytes()
+    (tmp_path / "a" / "0.png").write_bytes(good[: len(good) // 2])  # truncated
+
+    with pytest.raises(ValueError, match="cannot read image .*0.png"):
+        ImageFolderSource(tmp_path, 8, True, 0)
+
+
+def test_image_corrupted_during_training_fails_in_the_worker_naming_the_file(tmp_path):
+    random_folder(tmp_path, {"a": 2}, np.random.default_rng(0))
+    source = ImageFolderSource(tmp_path, 8, True, seed=0, num_workers=2)
+    (tmp_path / "a" / "1.png").write_bytes(b"garbage")
+
+    workers_before = set(multiprocessing.active_children())
+
+    with pytest.raises(ValueError, match="cannot read image .*1.png"):
+        take(source.batches(0, batch_size=2), 1)
+    assert set(multiprocessing.active_children()) <= workers_before  # the workers were stopped
+
+
+# --------------------------------------------------------------------------- the builder
+
+
+def test_builder_makes_the_named_source(tmp_path):
+    random_folder(tmp_path, {"a": 1, "b": 1}, np.random.default_rng(0))
+
+    folder = build_data_source(DataConfig(source=f"folder:{tmp_path}", image_size=8, num_workers=0), seed=1)
+    builtin = build_data_source(DataConfig(source="builtin:textures", image_size=8), seed=1)
+
+    assert isinstance(folder, ImageFolderSource) and folder.class_names == ["a", "b"]
+    assert isinstance(builtin, BuiltinTextures) and builtin.sample_shape == (3, 8, 8)
+
+
+def test_builder_hands_latent_paths_and_device_to_the_latent_source(monkeypatch):
+    calls = []
+    fake = types.ModuleType("engine.data.latents")
+    fake.LatentSource = types.SimpleNamespace(from_config=lambda *args: calls.append(args) or "latent source")
+    monkeypatch.setitem(sys.modules, "engine.data.latents", fake)
+    cfg = DataConfig(source="latents:/data/z.safetensors")
+
+    assert build_data_source(cfg, seed=3, rank=1, device="cuda") == "latent source"
+    assert calls == [(cfg, "/data/z.safetensors", 3, 1, "cuda")]
+
+
+@pytest.mark.parametrize("source", ["webdataset:/x", "folder:", "builtin:digits"])
+def test_builder_rejects_unknown_sources_listing_the_valid_ones(source):
+    with pytest.raises(ConfigError, match="builtin:textures.*folder:PATH.*latents:PATH"):
+        build_data_source(DataConfig(source=source), seed=0)
