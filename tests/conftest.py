@@ -14,6 +14,11 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+# Test tensors are tiny: extra intra-op threads only add synchronisation, and on a busy 2-core
+# machine they oversubscribe the cores (a 6-step training test ran 4x slower with 2 threads).
+torch.set_num_threads(1)
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # inherited by the CLI subprocesses some tests start
+
 
 @pytest.fixture
 def seed() -> int:

@@ -104,7 +104,7 @@ def test_damaged_newest_checkpoint_resumes_from_the_previous(tmp_path):
     assert sorted(losses(run)) == [1, 2, 3, 4, 5, 6]
 
 
-def test_ctrl_c_saves_a_checkpoint_and_rerun_resumes(tmp_path):
+def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(tmp_path):
     run = tmp_path / "run"
     config = tmp_path / "tiny.toml"
     config.write_text(tiny_config(run, "--train.steps=400", "--sample.every=0",
