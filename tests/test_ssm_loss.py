@@ -1,0 +1,156 @@
+"""ssm_loss: the reference against the full Gram computation written out, its invariance to feature
+scale, the tiled Triton kernels (forward and backward) against the float64 reference with and
+without an index, identical inputs, half precision, bad inputs."""
+
+import pytest
+import torch
+
+import kernels
+from kernels.ssm_loss import ssm_loss_reference
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+FP32_RTOL = 1e-5
+
+
+def _full_gram_ssm(x, y, eps=1e-8):
+    """The definition written out for every position: unit columns, both Grams in full."""
+    def gram(features):
+        features = features.reshape(features.shape[0], features.shape[1], -1)  # [B, D, N]
+        unit = features / features.norm(dim=1, keepdim=True).clamp_min(eps)
+        return torch.einsum("bdi,bdj->bij", unit, unit)
+
+    return ((gram(x) - gram(y)) ** 2).mean()
+
+
+def _leaf(t, dtype=None):
+    return t.detach().to(dtype or t.dtype).clone().requires_grad_(True)
+
+
+def _assert_close_to_reference(actual, expected, rtol):
+    """Relative to the largest reference entry: gradients have near-zero entries."""
+    torch.testing.assert_close(actual.double(), expected, rtol=rtol, atol=rtol * expected.abs().max().item())
+
+
+def _loss_and_grads(loss_fn, x, y):
+    loss = loss_fn(x, y)
+    return (loss, *torch.autograd.grad(loss, (x, y)))
+
+
+def _index(kind, num_positions):
+    if kind == "all":
+        return None
+    if kind == "subset":
+        return torch.randperm(num_positions, device=DEVICE)[: max(1, num_positions // 3)]
+    # "repeats": drawn with replacement
+    return torch.randint(0, num_positions, (num_positions // 2,), device=DEVICE)
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 35), (2, 4, 5, 7)])
+def test_reference_matches_full_gram_computation(seed, shape):
+    x = torch.randn(shape, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    y = torch.randn(shape, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    expected = _loss_and_grads(_full_gram_ssm, x, y)
+    actual = _loss_and_grads(ssm_loss_reference, x, y)
+    for a, e in zip(actual, expected):
+        _assert_close_to_reference(a, e, 1e-12)
+
+
+def test_reference_is_invariant_to_per_position_feature_scale(seed):
+    x = torch.randn(2, 4, 30, dtype=torch.float64, device=DEVICE)
+    y = torch.randn(2, 4, 30, dtype=torch.float64, device=DEVICE)
+    index = _index("repeats", 30)
+    scale = torch.rand(2, 1, 30, dtype=torch.float64, device=DEVICE) * 10 + 0.1  # one factor per (b, n)
+    expected = ssm_loss_reference(x, y, index)
+    torch.testing.assert_close(ssm_loss_reference(x * scale, y, index), expected, rtol=1e-12, atol=0)
+
+
+def test_reference_is_zero_for_identical_inputs(seed):
+    x = torch.randn(2, 4, 6, 5, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    loss = ssm_loss_reference(x, x.detach().clone())
+    (grad,) = torch.autograd.grad(loss, x)
+    assert loss.item() == 0.0
+    assert not grad.any()
+
+
+@pytest.mark.parametrize("shape, index_kind", [
+    ((2, 3, 35), "all"),       # S = N, not a multiple of the tile
+    ((2, 2, 17), "all"),       # D = 2: padded to tl.dot's minimum of 16 (D = 1 has zero gradient)
+    ((2, 4, 5, 7), "repeats"),  # [B, C, H, W] input, positions drawn with replacement
+    ((1, 70, 40), "subset"),    # D > 64: several feature blocks
+])
+def test_triton_matches_float64_reference(seed, shape, index_kind):
+    x = torch.randn(shape, dtype=torch.float64, device=DEVICE)
+    y = torch.randn(shape, dtype=torch.float64, device=DEVICE)
+    index = _index(index_kind, x[0, 0].numel())
+    expected = _loss_and_grads(lambda a, b: ssm_loss_reference(a, b, index), _leaf(x), _leaf(y))
+    actual = _loss_and_grads(lambda a, b: kernels.ssm_loss(a, b, index, backend="triton"),
+                             _leaf(x, torch.float32), _leaf(y, torch.float32))
+    assert actual[0].dtype == torch.float32
+    for a, e in zip(actual, expected):
+        _assert_close_to_reference(a, e, FP32_RTOL)
+
+
+@pytest.mark.parametrize("num_samples", [None, 256])
+def test_triton_matches_reference_at_lgt_latent_shape(seed, num_samples):
+    """4 x 32 x 32 latents: exact (S = N = 1024, 16 x 16 tiles) and subsampled (S = 256); y is data."""
+    x = torch.randn(1, 4, 32, 32, dtype=torch.float64, device=DEVICE)
+    y = torch.randn(1, 4, 32, 32, device=DEVICE)
+    index = None if num_samples is None else torch.randperm(1024, device=DEVICE)[:num_samples]
+    x_ref, x_kernel = _leaf(x), _leaf(x, torch.float32)
+    expected = ssm_loss_reference(x_ref, y.double(), index)
+    expected.backward()
+    actual = kernels.ssm_loss(x_kernel, y, index, backend="triton")
+    actual.backward()
+    _assert_close_to_reference(actual, expected, FP32_RTOL)
+    _assert_close_to_reference(x_kernel.grad, x_ref.grad, FP32_RTOL)
+
+
+def test_triton_is_zero_for_identical_inputs(seed):
+    x = torch.randn(2, 5, 40, device=DEVICE, requires_grad=True)
+    loss = kernels.ssm_loss(x, x.detach().clone(), _index("repeats", 40), backend="triton")
+    (grad,) = torch.autograd.grad(loss, x)
+    assert loss.item() == 0.0
+    assert not grad.any()
+
+
+HALF_DTYPES = [torch.float16, pytest.param(torch.bfloat16, marks=pytest.mark.skipif(
+    DEVICE == "cpu", reason="bf16 arithmetic is wrong under TRITON_INTERPRET=1; checked on a GPU"))]
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+def test_triton_half_precision_error_within_twice_eager(seed, dtype):
+    """Inputs in half precision, maths in fp32: the kernel's error against float64 (on the same
+    rounded inputs) stays within 2x what eager PyTorch makes at the same precision."""
+    x = torch.randn(2, 4, 30, device=DEVICE).to(dtype)
+    y = torch.randn(2, 4, 30, device=DEVICE).to(dtype)
+    index = _index("repeats", 30)
+    expected = _loss_and_grads(lambda a, b: ssm_loss_reference(a, b, index), _leaf(x, torch.float64),
+                               _leaf(y, torch.float64))
+    eager = _loss_and_grads(lambda a, b: ssm_loss_reference(a, b, index), _leaf(x), _leaf(y))
+    actual = _loss_and_grads(lambda a, b: kernels.ssm_loss(a, b, index, backend="triton"), _leaf(x), _leaf(y))
+    assert actual[0].dtype == dtype and actual[1].dtype == dtype
+    for a, e, ref in zip(actual, eager, expected):
+        scale = ref.abs().max().item()
+        kernel_error = (a.double() - ref).abs().max().item()
+        eager_error = (e.double() - ref).abs().max().item()
+        assert kernel_error <= 2 * eager_error + FP32_RTOL * scale
+
+
+def _bad_inputs():
+    x = torch.zeros(2, 3, 10)
+    return {
+        "x and y shapes differ": (x, torch.zeros(2, 3, 11), None, 1e-8, "y must have x's shape"),
+        "x is 2-D": (torch.zeros(3, 10), torch.zeros(3, 10), None, 1e-8, "must be a non-empty"),
+        "x is an integer tensor": (x.long(), x.long(), None, 1e-8, "float16, bfloat16"),
+        "index is 2-D": (x, x, torch.zeros(2, 2, dtype=torch.long), 1e-8, "1-D tensor of positions"),
+        "index is float": (x, x, torch.zeros(4), 1e-8, "int64 or int32"),
+        "eps is not positive": (x, x, None, 0.0, "eps must be > 0"),
+    }
+
+
+@pytest.mark.parametrize("case", list(_bad_inputs()))
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_bad_inputs_raise_value_error(case, backend):
+    x, y, index, eps, message = _bad_inputs()[case]
+    with pytest.raises(ValueError, match=message):
+        kernels.ssm_loss(x, y, index, eps, backend=backend)
