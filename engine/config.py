@@ -184,11 +184,11 @@ class AutoencoderConfig:
     num_groups: int = option(32, "GroupNorm groups of the KL autoencoder (clamped to divide the channel count)")
     prepare_crops: int = option(2048, "built-in latents: crops drawn from builtin:textures and encoded")
     prepare_image_size: int = option(256, "built-in latents: side of the encoded crops (latent side = this / 8)")
-    prepare_steps: int = option(1000, "built-in latents: training steps of the built-in autoencoder "
+    prepare_steps: int = option(500, "built-in latents: training steps of the built-in autoencoder "
                                 "(when lgt.autoencoder is '')")
     prepare_train_size: int = option(64, "built-in latents: crop side the built-in autoencoder trains on "
                                      "(it is convolutional: it then encodes prepare_image_size crops)")
-    prepare_batch_size: int = option(16, "built-in latents: batch size of the built-in autoencoder's training")
+    prepare_batch_size: int = option(8, "built-in latents: batch size of the built-in autoencoder's training")
 
     def validate(self, check):
         check(self.latent_channels >= 1, "latent_channels", "must be >= 1")
@@ -217,11 +217,18 @@ class LGTConfig:
     w_div: float = option(0.0, "weight of the squared Hutchinson divergence regulariser (0 = off)")
     cfg_scale: float = option(2.0, "classifier-free guidance scale at inference")
     autoencoder: str = option("", "autoencoder checkpoint used to encode/decode ('' = the built-in one)")
+    div_probe: str = option("rademacher", "Hutchinson probe of the divergence regulariser",
+                            ("rademacher", "gaussian"))
+    holdout_per_style: int = option(8, "latents per style held out of training for the end-of-training "
+                                    "evaluation (0 = evaluate on training latents)")
 
     def validate(self, check):
         check(0 <= self.label_drop_prob <= 1, "label_drop_prob", "must be in [0, 1]")
         for key in ("w_style", "w_content", "w_vel", "w_div"):
             check(getattr(self, key) >= 0, key, "must be >= 0")
+        check(self.w_style + self.w_content + self.w_vel + self.w_div > 0, "w_style",
+              "and every other weight are 0: nothing to train")
+        check(self.holdout_per_style >= 0, "holdout_per_style", "must be >= 0")
 
 
 @dataclass

@@ -1,0 +1,350 @@
+"""Latent datasets held on the device: `data.source = "latents:PATH"` (a file from engine-encode).
+
+File format (safetensors):
+    latents  [N, C, h, w] fp16 (or fp32), already multiplied by the scaling factor
+    labels   [N] int64, label i is class_names[i]
+    metadata format, class_names (JSON list), scaling_factor, autoencoder (path it was loaded
+             from), autoencoder_hash (short hash of its weights), posterior (mean | sample)
+
+`LatentSource` reads the whole file into device memory once and keeps the stored dtype there
+(fp16: half the memory, 50k latents of 4x32x32 are 400 MB); a batch gathers its rows on the
+device and casts them to fp32. Batch n draws its rows i.i.d. uniformly (with replacement) from a
+generator on the device seeded with batch_seed(seed, rank, n): no DataLoader, no host round trip,
+and batch n is a pure function of (seed, rank, n), so resumed runs replay the same batches.
+
+`StyleIndex` answers "a random real latent of style y" in O(1) per row, vectorised on the device:
+rows sorted by label in one flat tensor plus per-label offsets and counts.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from engine.config import CheckpointConfig, Config, DataConfig, LogConfig, SampleConfig, TrainConfig, validate
+from engine.data.base import Batch, batch_seed
+from engine.models.autoencoder import AutoencoderIdentity
+
+FORMAT = "engine-latents/1"
+RERUN_HINT = "re-run engine-encode to write it again"
+
+
+# --------------------------------------------------------------------------- the file
+
+
+@dataclass
+class LatentFile:
+    latents: torch.Tensor  # [N, C, h, w] scaled latents, stored dtype
+    labels: torch.Tensor  # [N] int64
+    class_names: list[str]
+    scaling_factor: float
+    autoencoder: AutoencoderIdentity
+    posterior: str  # "mean" or "sample"
+
+
+def write_latents(path: str | Path, data: LatentFile) -> None:
+    """Write a latents file atomically: a temporary name in the same folder, fsync, os.replace.
+    A crash leaves either the old file or the new one, never half of one."""
+    path = Path(path)
+    _check_consistent(data, str(path))
+    metadata = {
+        "format": FORMAT,
+        "class_names": json.dumps(data.class_names),
+        "scaling_factor": repr(float(data.scaling_factor)),
+        "autoencoder": data.autoencoder.path,
+        "autoencoder_hash": data.autoencoder.weights_hash,
+        "posterior": data.posterior,
+    }
+    tensors = {"latents": data.latents.detach().cpu().contiguous(),
+               "labels": data.labels.detach().cpu().to(torch.int64).contiguous()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        save_file(tensors, temporary, metadata=metadata)
+        with open(temporary, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(temporary, path)
+        directory = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def read_latents(path: str | Path, device: str | torch.device = "cpu") -> LatentFile:
+    """Read a latents file (tensors straight onto `device`), with errors that name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"latents file not found: {path}; run engine-encode first "
+                                f"(engine-encode --images DIR --autoencoder CKPT --out {path})")
+    try:
+        with safe_open(str(path), framework="pt", device=str(device)) as f:
+            metadata = f.metadata() or {}
+            keys = set(f.keys())
+            if not {"latents", "labels"} <= keys:
+                raise ValueError(f"latents file {path} holds tensors {sorted(keys)}, expected 'latents' and "
+                                 f"'labels'; {RERUN_HINT}")
+            latents, labels = f.get_tensor("latents"), f.get_tensor("labels")
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"cannot read latents file {path}: it is truncated or corrupt ({err}); "
+                         f"{RERUN_HINT}") from err
+    if metadata.get("format") != FORMAT:
+        raise ValueError(f"latents file {path} has format {metadata.get('format')!r}, expected {FORMAT!r}; "
+                         f"{RERUN_HINT}")
+    try:
+        data = LatentFile(latents, labels, json.loads(metadata["class_names"]),
+                          float(metadata["scaling_factor"]),
+                          AutoencoderIdentity(metadata["autoencoder"], metadata["autoencoder_hash"]),
+                          metadata["posterior"])
+    except (KeyError, ValueError) as err:
+        raise ValueError(f"latents file {path}: metadata is missing or malformed ({err!r}); {RERUN_HINT}") from err
+    _check_consistent(data, str(path))
+    return data
+
+
+def _check_consistent(data: LatentFile, where: str) -> None:
+    latents, labels = data.latents, data.labels
+    if latents.dim() != 4 or labels.shape != (latents.shape[0],) or labels.dtype != torch.int64:
+        raise ValueError(f"latents file {where}: need latents [N, C, h, w] and int64 labels [N], got "
+                         f"{tuple(latents.shape)} and {labels.dtype} {tuple(labels.shape)}; {RERUN_HINT}")
+    if latents.shape[0] == 0:
+        raise ValueError(f"latents file {where} holds no latents; {RERUN_HINT}")
+    if not data.class_names or labels.min() < 0 or labels.max() >= len(data.class_names):
+        raise ValueError(f"latents file {where}: labels must lie in [0, {len(data.class_names)}) "
+                         f"(one per class name); {RERUN_HINT}")
+    if not data.scaling_factor > 0:
+        raise ValueError(f"latents file {where}: scaling_factor = {data.scaling_factor} must be > 0")
+
+
+# --------------------------------------------------------------------------- the style index
+
+
+class StyleIndex:
+    """Per label, its rows in one flat tensor sorted by label, with offsets and counts.
+
+        rows     [N]  row ids; rows[offsets[y] : offsets[y] + counts[y]] are the rows of label y
+        offsets  [K]  counts [K]
+
+    Built once; `sample_rows_of` is then a few vectorised ops on the device with no host sync.
+    """
+
+    def __init__(self, labels: torch.Tensor, num_labels: int | None = None, names: list[str] | None = None):
+        labels = labels.long()
+        self.num_labels = int(num_labels if num_labels is not None else labels.max().item() + 1)
+        self.names = names
+        self.rows = torch.argsort(labels, stable=True)  # stable: within a label, file order
+        self.counts = torch.bincount(labels, minlength=self.num_labels)
+        if self.counts.numel() != self.num_labels:
+            raise ValueError(f"StyleIndex: labels go up to {labels.max().item()}, but num_labels = {self.num_labels}")
+        self.offsets = torch.cumsum(self.counts, 0) - self.counts
+
+    def _name(self, label: int) -> str:
+        return f"{label} ({self.names[label]!r})" if self.names else str(label)
+
+    def require_all(self, num_labels: int | None = None) -> None:
+        """Every label 0..num_labels-1 has at least one row, else a ValueError naming the empty ones.
+        Call it when building anything that samples every style, so the problem shows at start."""
+        num_labels = self.num_labels if num_labels is None else num_labels
+        counts = self.counts.tolist() + [0] * max(0, num_labels - self.num_labels)
+        empty = [label for label in range(num_labels) if counts[label] == 0]
+        if empty:
+            raise ValueError(f"no latents for label(s) {', '.join(self._name(y) for y in empty)}: every style "
+                             f"needs at least one latent; add images of them and re-run engine-encode")
+
+    def rows_of(self, label: int) -> torch.Tensor:
+        """All rows of one label (file order)."""
+        start, count = int(self.offsets[label]), int(self.counts[label])
+        return self.rows[start:start + count]
+
+    def sample_rows_of(self, labels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """For each requested label [B], a uniformly random row of that label: [B] long.
+
+        Every requested label must have rows (check with `require_all` at start)."""
+        counts = self.counts[labels]
+        u = torch.rand(labels.shape, generator=generator, device=self.rows.device, dtype=torch.float64)
+        # float64 keeps floor(u * count) < count for every u < 1; the clamp is belt and braces.
+        within = torch.minimum((u * counts).long(), counts - 1)
+        return self.rows[self.offsets[labels] + within]
+
+
+# --------------------------------------------------------------------------- the data source
+
+
+class LatentSource:
+    """A latents file in device memory as a `DataSource` (see the module doc)."""
+
+    def __init__(self, latents: torch.Tensor, labels: torch.Tensor, class_names: list[str],
+                 scaling_factor: float, autoencoder: AutoencoderIdentity, seed: int, rank: int = 0,
+                 path: str | None = None):
+        self.latents = latents  # [N, C, h, w], stored dtype, on the device
+        self.labels = labels  # [N] long, same device
+        self.class_names = list(class_names)
+        self.sample_shape = tuple(latents.shape[1:])
+        self.scaling_factor = scaling_factor  # decode with z / scaling_factor
+        self.autoencoder = autoencoder  # which autoencoder decodes these latents
+        self.seed, self.rank, self.path = seed, rank, path
+        self.device = latents.device
+        self.style_index = StyleIndex(labels, len(self.class_names), self.class_names)
+
+    @classmethod
+    def load(cls, path: str | Path, seed: int, rank: int = 0, device: str | torch.device = "cpu") -> LatentSource:
+        data = read_latents(path, device)
+        return cls(data.latents, data.labels, data.class_names, data.scaling_factor, data.autoencoder,
+                   seed, rank, str(path))
+
+    @classmethod
+    def from_config(cls, cfg, path: str, seed: int, rank: int = 0,
+                    device: str | torch.device = "cpu") -> LatentSource:
+        """What `build_data_source` calls for `data.source = "latents:PATH"` (cfg: DataConfig; no
+        field of it applies to latents: they are used as encoded, no crops or flips)."""
+        return cls.load(path, seed, rank, device)
+
+    def __len__(self) -> int:
+        return self.latents.shape[0]
+
+    def batches(self, start: int, batch_size: int) -> Iterator[Batch]:
+        number = start
+        while True:
+            generator = torch.Generator(self.device).manual_seed(batch_seed(self.seed, self.rank, number))
+            rows = torch.randint(len(self), (batch_size,), generator=generator, device=self.device)
+            yield Batch(self.latents[rows].float(), self.labels[rows])
+            number += 1
+
+    def sample_style_reference(self, styles: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """A real latent of each requested style [B] -> [B, C, h, w] fp32 (O(1) per row)."""
+        return self.latents[self.style_index.sample_rows_of(styles, generator)].float()
+
+    def split_holdout(self, n_per_class: int) -> tuple[LatentSource, Batch]:
+        """(a source without the held-out rows, the held-out latents + labels) for evaluation.
+
+        Deterministic, independent of the seed: the first `n_per_class` rows of every label in file
+        order are held out. Every label must keep at least one training row."""
+        if n_per_class < 1:
+            raise ValueError(f"split_holdout: n_per_class must be >= 1, got {n_per_class}")
+        index = self.style_index
+        short = [y for y, count in enumerate(index.counts.tolist()) if count <= n_per_class]
+        if short:
+            raise ValueError(f"split_holdout({n_per_class}): label(s) {', '.join(index._name(y) for y in short)} "
+                             f"have <= {n_per_class} latents, so none would be left to train on")
+        held = torch.cat([index.rows_of(y)[:n_per_class] for y in range(index.num_labels)])
+        keep = torch.ones(len(self), dtype=torch.bool, device=self.device)
+        keep[held] = False
+        train = LatentSource(self.latents[keep], self.labels[keep], self.class_names, self.scaling_factor,
+                             self.autoencoder, self.seed, self.rank, self.path)
+        return train, Batch(self.latents[held].float(), self.labels[held])
+
+
+# --------------------------------------------------------------------------- builtin:textures as latents
+
+
+def _short_hash(settings: dict) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+#
+# LGT on `data.source = "builtin:textures"` needs latents of the built-in textures. On first use:
+#   1. the built-in autoencoder is trained by engine-train's own loop on builtin:textures crops
+#      (unless lgt.autoencoder names one), in a run directory under run.cache_dir;
+#   2. autoencoder.prepare_crops crops of autoencoder.prepare_image_size are drawn and encoded;
+#   3. the file is cached under run.cache_dir, named by a hash of everything that made it.
+# Later runs find both in the cache and skip straight to training.
+
+BUILTIN_AUTOENCODER_LR = 5e-4  # short runs: higher than the LGT default, still stable with clipping
+PREPARE_STREAM = 7  # batch_seed stream of the crops that are encoded (distinct from training draws)
+ENCODE_BATCH_SIZE = 16
+
+
+def builtin_autoencoder_config(cfg: Config) -> Config:
+    """The engine-train config of the built-in autoencoder, its run directory in the cache."""
+    settings = cfg.autoencoder
+    steps = settings.prepare_steps
+    ae = Config()
+    ae.method.name = "autoencoder"
+    ae.autoencoder = copy.deepcopy(settings)
+    ae.data = DataConfig(source="builtin:textures", image_size=settings.prepare_train_size, flip=True)
+    ae.train = TrainConfig(steps=steps, batch_size=settings.prepare_batch_size, device=cfg.train.device,
+                           precision=cfg.train.precision, lr=BUILTIN_AUTOENCODER_LR,
+                           warmup_steps=min(100, steps // 10), ema_decay=0.999)
+    ae.checkpoint = CheckpointConfig(every=max(1, steps // 4), keep=1)  # an interrupted run resumes
+    ae.sample = SampleConfig(every=steps, num=8)  # one input | reconstruction grid, at the end
+    ae.log = LogConfig(every=min(50, steps), tensorboard=False)
+    what = ae.to_dict()
+    del what["run"]
+    what["train"].pop("device")  # the same recipe trained on another device is the same autoencoder
+    for key in ("prepare_crops", "prepare_image_size"):  # what is encoded, not how the autoencoder is made
+        what["autoencoder"].pop(key)
+    ae.run.seed = cfg.run.seed
+    ae.run.cache_dir = cfg.run.cache_dir
+    key = _short_hash({"recipe": what, "seed": cfg.run.seed})
+    ae.run.dir = str(Path(cfg.run.cache_dir) / f"autoencoder-textures-{key}")
+    validate(ae, "built-in autoencoder (from the [autoencoder] section)")
+    return ae
+
+
+def train_builtin_autoencoder(cfg: Config) -> Path:
+    """The run directory of the built-in autoencoder, trained now unless the cache has it."""
+    from engine.checkpoint import find_checkpoints
+
+    ae = builtin_autoencoder_config(cfg)
+    run_dir = Path(ae.run.dir)
+    done, _ = find_checkpoints(run_dir / "checkpoints")
+    if done is None or done.step < ae.train.steps:
+        from engine.train import train
+
+        tqdm.write(f"builtin:textures latents: training the built-in autoencoder ({ae.train.steps} steps on "
+                   f"{ae.data.image_size}px crops) in {run_dir}; later runs reuse it")
+        if train(ae).stopped_early:
+            raise RuntimeError(f"the built-in autoencoder's training was stopped before its {ae.train.steps} "
+                               f"steps; run the same command again to resume it (from {run_dir})")
+    return run_dir
+
+
+def _builtin_crop_batches(cfg: Config) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str]]]:
+    """autoencoder.prepare_crops crops, ENCODE_BATCH_SIZE at a time, from one seeded generator."""
+    from engine.data.builtin import BuiltinTextures
+
+    total = cfg.autoencoder.prepare_crops
+    textures = BuiltinTextures(cfg.autoencoder.prepare_image_size, flip=True, seed=cfg.run.seed)
+    generator = torch.Generator().manual_seed(batch_seed(cfg.run.seed, 0, 0, PREPARE_STREAM))
+    for start in range(0, total, ENCODE_BATCH_SIZE):
+        batch = textures.draw_crops(min(ENCODE_BATCH_SIZE, total - start), generator)
+        names = [f"builtin crop {start + i} ({textures.class_names[y]})" for i, y in enumerate(batch.labels)]
+        yield batch.x, batch.labels, names
+
+
+def prepare_builtin_latents(cfg: Config) -> Path:
+    """Path of the latents of builtin:textures for this `Config`, made on first use.
+
+    The autoencoder is `lgt.autoencoder` when set, else the built-in one (trained and cached, see
+    above). The file's name hashes the crop settings, the seed and the autoencoder's weights, so a
+    change to any of them makes a new file and an unchanged config reuses the old one."""
+    from engine.data.builtin import BUILTIN_PICTURES
+    from engine.encode import encode_dataset, resolve_device
+    from engine.models.autoencoder import load_autoencoder
+
+    settings = cfg.autoencoder
+    autoencoder_path = Path(cfg.lgt.autoencoder) if cfg.lgt.autoencoder else train_builtin_autoencoder(cfg)
+    autoencoder, identity = load_autoencoder(autoencoder_path, resolve_device(cfg.train.device))
+    size = settings.prepare_image_size
+    autoencoder.latent_shape((autoencoder.in_channels, size, size))  # fail before encoding anything
+    key = _short_hash({"source": "builtin:textures", "pictures": list(BUILTIN_PICTURES),
+                       "crops": settings.prepare_crops, "image_size": size, "seed": cfg.run.seed,
+                       "autoencoder": identity.weights_hash, "format": FORMAT})
+    out = Path(cfg.run.cache_dir) / f"latents-textures-{key}.safetensors"
+    if out.is_file():
+        return out
+    tqdm.write(f"builtin:textures latents: encoding {settings.prepare_crops} crops of {size}px with "
+               f"{identity.path} into {out}; later runs reuse it")
+    encode_dataset(autoencoder, identity, _builtin_crop_batches(cfg), settings.prepare_crops,
+                   list(BUILTIN_PICTURES), out, desc="encoding builtin:textures")
+    return out

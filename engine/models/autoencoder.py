@@ -1,0 +1,396 @@
+"""Autoencoders that map images to latents and back.
+
+- `AutoencoderKL`: the Stable-Diffusion VAE's architecture family (f = 2^(levels-1), 8 with the
+  default 4 levels; 4 latent channels). Encoder: conv_in, per level ResBlocks then a strided
+  3x3 downsample, a mid block (ResBlock, self-attention, ResBlock), GroupNorm-SiLU, conv to
+  2 * latent_channels (mean, log-variance), 1x1 quant_conv. The decoder mirrors it with nearest
+  upsampling. `encode(x) -> DiagonalGaussian`, `decode(z) -> x`.
+- `LinearAutoencoder`: the 784 -> 128 -> 784 one of seed 000, for flat data (any [C, H, W] is
+  flattened). Its latents are shaped [B, latent_dim, 1, 1] so that they fit the [C, H, W] sample
+  shape every data source uses.
+
+Both carry a `scaling_factor` buffer (SD's convention: latents are multiplied by it after
+encoding and divided by it before decoding). Ours stay at 0 = "not estimated": the choice made
+here is to estimate it at encode time, not at the end of training (the training loop owns
+nothing method-specific, and its last batch is a noisier estimate): `engine-encode` uses 1 / std
+of all the latents it encodes and writes that value into the latents file, which is what
+decoders read back (`decode_to_images(autoencoder, latents, file.scaling_factor)`). Set the
+buffer (> 0) to pin a factor; a diffusers VAE brings its config's value.
+
+`load_autoencoder(path)` opens an engine-train run / checkpoint of method "autoencoder" (EMA
+weights) or a LOCAL diffusers AutoencoderKL directory (diffusers imported only then; nothing is
+ever downloaded), and returns it with its identity (path + short weights hash).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import kernels
+
+INITIAL_LOGVAR = -6.0  # initial posterior log-variance of both autoencoders (see AutoencoderKL)
+
+
+class DiagonalGaussian:
+    """A diagonal Gaussian posterior q(z|x) over latents [B, C, h, w], held in fp32."""
+
+    def __init__(self, mean: torch.Tensor, logvar: torch.Tensor):
+        self.mean = mean.float()
+        # SD's clamp: keeps exp() finite early in training, when the encoder outputs anything.
+        self.logvar = logvar.float().clamp(-30.0, 20.0)
+
+    @property
+    def std(self) -> torch.Tensor:
+        return torch.exp(0.5 * self.logvar)
+
+    def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
+        noise = torch.randn(self.mean.shape, generator=generator, device=self.mean.device)
+        return self.mean + self.std * noise
+
+    def mode(self) -> torch.Tensor:
+        return self.mean
+
+    def kl(self) -> torch.Tensor:
+        """KL(q || N(0, I)) per sample in nats, summed over the latent dimensions: [B]."""
+        per_dim = 0.5 * (self.mean.square() + self.logvar.exp() - 1.0 - self.logvar)
+        return per_dim.flatten(1).sum(dim=1)
+
+
+def group_count(channels: int, wanted: int = 32) -> int:
+    """The largest group count <= `wanted` that divides `channels` (narrow test models)."""
+    return math.gcd(channels, wanted)
+
+
+def _norm_silu(norm: nn.GroupNorm, h: torch.Tensor, act: bool = True) -> torch.Tensor:
+    # The fused kernel on the GPU. On CPU the reference: under TRITON_INTERPRET=1 (the tests) the
+    # "auto" backend would interpret the Triton kernel, far too slow for a whole network.
+    backend = "auto" if h.is_cuda else "torch"
+    return kernels.group_norm_film_silu(h, norm.num_groups, norm.weight, norm.bias, eps=norm.eps,
+                                        act=act, backend=backend)
+
+
+class ResBlock(nn.Module):
+    def __init__(self, in_channels: int, out_channels: int, num_groups: int):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(group_count(in_channels, num_groups), in_channels, eps=1e-6)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.norm2 = nn.GroupNorm(group_count(out_channels, num_groups), out_channels, eps=1e-6)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.skip = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(_norm_silu(self.norm1, x))
+        h = self.conv2(_norm_silu(self.norm2, h))
+        return self.skip(x) + h
+
+
+class AttentionBlock(nn.Module):
+    """Single-head self-attention over the h*w positions (SD's mid-block attention)."""
+
+    def __init__(self, channels: int, num_groups: int):
+        super().__init__()
+        self.norm = nn.GroupNorm(group_count(channels, num_groups), channels, eps=1e-6)
+        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
+        self.proj_out = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, C, H, W = x.shape
+        qkv = self.qkv(_norm_silu(self.norm, x, act=False))
+        # [B, 3C, H, W] -> three [B, 1, H*W, C]
+        q, k, v = qkv.flatten(2).transpose(1, 2).unsqueeze(1).chunk(3, dim=-1)
+        out = kernels.attention(q.contiguous(), k.contiguous(), v.contiguous())
+        out = out.squeeze(1).transpose(1, 2).reshape(B, C, H, W)
+        return x + self.proj_out(out)
+
+
+class Downsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.pad(x, (0, 1, 0, 1)))  # SD's asymmetric pad: exact halving of even sides
+
+
+class Upsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+def _mid_block(channels: int, num_groups: int) -> nn.Sequential:
+    return nn.Sequential(ResBlock(channels, channels, num_groups), AttentionBlock(channels, num_groups),
+                         ResBlock(channels, channels, num_groups))
+
+
+class Encoder(nn.Module):
+    def __init__(self, in_channels: int, channels: int, channel_mult: list[int], num_res_blocks: int,
+                 latent_channels: int, num_groups: int):
+        super().__init__()
+        self.conv_in = nn.Conv2d(in_channels, channels, 3, padding=1)
+        blocks: list[nn.Module] = []
+        width = channels
+        for level, mult in enumerate(channel_mult):
+            for _ in range(num_res_blocks):
+                blocks.append(ResBlock(width, channels * mult, num_groups))
+                width = channels * mult
+            if level != len(channel_mult) - 1:
+                blocks.append(Downsample(width))
+        self.down = nn.Sequential(*blocks)
+        self.mid = _mid_block(width, num_groups)
+        self.norm_out = nn.GroupNorm(group_count(width, num_groups), width, eps=1e-6)
+        self.conv_out = nn.Conv2d(width, 2 * latent_channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.mid(self.down(self.conv_in(x)))
+        return self.conv_out(_norm_silu(self.norm_out, h))
+
+
+class Decoder(nn.Module):
+    def __init__(self, out_channels: int, channels: int, channel_mult: list[int], num_res_blocks: int,
+                 latent_channels: int, num_groups: int):
+        super().__init__()
+        width = channels * channel_mult[-1]
+        self.conv_in = nn.Conv2d(latent_channels, width, 3, padding=1)
+        self.mid = _mid_block(width, num_groups)
+        blocks: list[nn.Module] = []
+        for level in reversed(range(len(channel_mult))):
+            for _ in range(num_res_blocks + 1):  # one more than the encoder, as in SD
+                blocks.append(ResBlock(width, channels * channel_mult[level], num_groups))
+                width = channels * channel_mult[level]
+            if level != 0:
+                blocks.append(Upsample(width))
+        self.up = nn.Sequential(*blocks)
+        self.norm_out = nn.GroupNorm(group_count(width, num_groups), width, eps=1e-6)
+        self.conv_out = nn.Conv2d(width, out_channels, 3, padding=1)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        h = self.up(self.mid(self.conv_in(z)))
+        return self.conv_out(_norm_silu(self.norm_out, h))
+
+
+class AutoencoderKL(nn.Module):
+    """SD-style KL autoencoder: images [B, C, H, W] in [-1, 1] <-> latents [B, latent_channels, H/f, W/f]."""
+
+    def __init__(self, in_channels: int = 3, latent_channels: int = 4, channels: int = 64,
+                 channel_mult: list[int] = (1, 2, 4, 4), num_res_blocks: int = 1, num_groups: int = 32):
+        super().__init__()
+        self.in_channels = in_channels
+        self.latent_channels = latent_channels
+        self.downsampling = 2 ** (len(channel_mult) - 1)
+        self.encoder = Encoder(in_channels, channels, list(channel_mult), num_res_blocks, latent_channels,
+                               num_groups)
+        self.quant_conv = nn.Conv2d(2 * latent_channels, 2 * latent_channels, 1)
+        # Start with a narrow posterior (std ~0.05, log-variance -6) instead of PyTorch's ~0: with
+        # std 1 the decoder first sees latents that are mostly noise and short runs stall on
+        # "predict the mean colour" for many steps. The KL term is free to widen it again.
+        with torch.no_grad():
+            self.quant_conv.bias[latent_channels:].fill_(INITIAL_LOGVAR)
+        self.post_quant_conv = nn.Conv2d(latent_channels, latent_channels, 1)
+        self.decoder = Decoder(in_channels, channels, list(channel_mult), num_res_blocks, latent_channels,
+                               num_groups)
+        self.register_buffer("scaling_factor", torch.tensor(0.0))
+
+    def latent_shape(self, image_shape: tuple[int, int, int]) -> tuple[int, int, int]:
+        C, H, W = image_shape
+        if C != self.in_channels or H % self.downsampling or W % self.downsampling:
+            raise ValueError(f"AutoencoderKL: images must be [{self.in_channels}, H, W] with H and W divisible "
+                             f"by {self.downsampling}; got {list(image_shape)}")
+        return (self.latent_channels, H // self.downsampling, W // self.downsampling)
+
+    def encode(self, x: torch.Tensor) -> DiagonalGaussian:
+        self.latent_shape(tuple(x.shape[1:]))
+        mean, logvar = self.quant_conv(self.encoder(x)).chunk(2, dim=1)
+        return DiagonalGaussian(mean, logvar)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.post_quant_conv(z))
+
+
+class LinearAutoencoder(nn.Module):
+    """Seed 000's linear VAE: flatten [C, H, W] (784 for 1x28x28) -> latent_dim -> back."""
+
+    def __init__(self, image_shape: tuple[int, int, int] = (1, 28, 28), latent_dim: int = 128):
+        super().__init__()
+        self.image_shape = tuple(image_shape)
+        self.in_channels = self.image_shape[0]
+        features = math.prod(self.image_shape)
+        self.encoder = nn.Linear(features, 2 * latent_dim)  # mean and log-variance
+        with torch.no_grad():
+            self.encoder.bias[latent_dim:].fill_(INITIAL_LOGVAR)
+        self.decoder = nn.Linear(latent_dim, features)
+        self.register_buffer("scaling_factor", torch.tensor(0.0))
+
+    def latent_shape(self, image_shape: tuple[int, int, int]) -> tuple[int, int, int]:
+        if tuple(image_shape) != self.image_shape:
+            raise ValueError(f"LinearAutoencoder: built for images {list(self.image_shape)}, got "
+                             f"{list(image_shape)}")
+        return (self.decoder.in_features, 1, 1)
+
+    def encode(self, x: torch.Tensor) -> DiagonalGaussian:
+        self.latent_shape(tuple(x.shape[1:]))
+        mean, logvar = self.encoder(x.flatten(1)).chunk(2, dim=1)
+        return DiagonalGaussian(mean[:, :, None, None], logvar[:, :, None, None])
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return self.decoder(z.flatten(1)).view(z.shape[0], *self.image_shape)
+
+
+def build_autoencoder(cfg, image_shape: tuple[int, int, int]) -> AutoencoderKL | LinearAutoencoder:
+    """The autoencoder described by an `AutoencoderConfig`, for images of shape [C, H, W]."""
+    if cfg.kind == "linear":
+        return LinearAutoencoder(image_shape, cfg.latent_dim)
+    model = AutoencoderKL(image_shape[0], cfg.latent_channels, cfg.channels, cfg.channel_mult,
+                          cfg.num_res_blocks, cfg.num_groups)
+    model.latent_shape(image_shape)  # fail now, not at the first step, on sides f does not divide
+    return model
+
+
+# --------------------------------------------------------------------------- pretrained ones
+
+AUTOENCODER_HINT = ("pass the run directory of an autoencoder training (method.name = 'autoencoder'), one "
+                    "of its checkpoints/step-N directories, or a local directory holding a diffusers "
+                    "AutoencoderKL (config.json + weights); hub ids are never downloaded")
+
+
+class DiffusersAutoencoder(nn.Module):
+    """A diffusers `AutoencoderKL` behind the same encode / decode / scaling_factor interface."""
+
+    def __init__(self, vae: nn.Module):
+        super().__init__()
+        config = vae.config
+        if getattr(config, "shift_factor", None):
+            raise ValueError(f"diffusers autoencoder with shift_factor = {config.shift_factor} (SD3 / FLUX "
+                             f"style) is not supported: latents files store a scaling factor only")
+        self.vae = vae
+        self.in_channels = config.in_channels
+        self.latent_channels = config.latent_channels
+        self.downsampling = 2 ** (len(config.block_out_channels) - 1)
+        self.register_buffer("scaling_factor", torch.tensor(float(config.scaling_factor)))
+
+    latent_shape = AutoencoderKL.latent_shape
+
+    def encode(self, x: torch.Tensor) -> DiagonalGaussian:
+        self.latent_shape(tuple(x.shape[1:]))
+        posterior = self.vae.encode(x).latent_dist
+        return DiagonalGaussian(posterior.mean, posterior.logvar)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return self.vae.decode(z).sample
+
+
+def load_diffusers_autoencoder(path: str | Path) -> DiffusersAutoencoder:
+    """A diffusers AutoencoderKL from a LOCAL directory (a VAE folder, or a pipeline with vae/)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"diffusers autoencoder: {path} is not an existing local directory; only "
+                                f"local directories are loaded (nothing is downloaded from the hub): "
+                                f"download the model yourself and pass its folder")
+    if (path / "vae" / "config.json").is_file():
+        path = path / "vae"
+    if not (path / "config.json").is_file():
+        raise ValueError(f"diffusers autoencoder: {path} has no config.json; pass the folder that holds the "
+                         f"AutoencoderKL's config.json and diffusion_pytorch_model.safetensors")
+    try:
+        from diffusers import AutoencoderKL as DiffusersAutoencoderKL
+    except ImportError as err:
+        raise ImportError(f"loading the diffusers autoencoder in {path} needs the optional package "
+                          f"diffusers (pip install diffusers); it is not installed") from err
+    return DiffusersAutoencoder(DiffusersAutoencoderKL.from_pretrained(path, local_files_only=True))
+
+
+def is_diffusers_directory(path: Path) -> bool:
+    for config in (path / "config.json", path / "vae" / "config.json"):
+        if config.is_file():
+            try:
+                return json.loads(config.read_text()).get("_class_name") == "AutoencoderKL"
+            except (json.JSONDecodeError, OSError, AttributeError):
+                return False
+    return False
+
+
+def load_engine_autoencoder(path: str | Path) -> AutoencoderKL | LinearAutoencoder:
+    """The EMA weights of an autoencoder trained by engine-train (run dir or step-N dir)."""
+    from engine.checkpoint import open_checkpoint  # the checkpoint layer is only needed here
+
+    path = Path(path)
+    if path.is_file():  # .../step-N/model.safetensors or ema.safetensors: its checkpoint directory
+        path = path.parent
+    checkpoint = open_checkpoint(path)
+    cfg = checkpoint.config()
+    if cfg.method.name != "autoencoder":
+        raise ValueError(f"{checkpoint.path} was trained with method.name = {cfg.method.name!r}, not "
+                         f"'autoencoder'; {AUTOENCODER_HINT}")
+    model = build_autoencoder(cfg.autoencoder, tuple(checkpoint.data_info()["sample_shape"]))
+    prefix = "autoencoder."
+    state = {k[len(prefix):]: v for k, v in checkpoint.model_state(ema=True).items() if k.startswith(prefix)}
+    model.load_state_dict(state)
+    return model
+
+
+@dataclass(frozen=True)
+class AutoencoderIdentity:
+    """Which autoencoder made a set of latents: where it was loaded from and a hash of its weights."""
+
+    path: str
+    weights_hash: str
+
+
+def weights_hash(module: nn.Module) -> str:
+    """A short SHA-256 of a module's state_dict (names, dtypes, shapes and bytes)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        tensor = tensor.detach().to("cpu").contiguous().reshape(-1)
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def load_autoencoder(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, AutoencoderIdentity]:
+    """(autoencoder in eval mode without gradients, its identity) from an engine run / checkpoint
+    directory or a local diffusers AutoencoderKL directory."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"autoencoder not found: {path}; {AUTOENCODER_HINT}")
+    model = load_diffusers_autoencoder(path) if is_diffusers_directory(path) else load_engine_autoencoder(path)
+    model = model.to(device).eval().requires_grad_(False)
+    return model, AutoencoderIdentity(str(path.resolve()), weights_hash(model))
+
+
+# --------------------------------------------------------------------------- latents -> pictures
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    return next(iter(module.buffers())).device  # every autoencoder here has its scaling_factor buffer
+
+
+@torch.no_grad()
+def decode_to_images(autoencoder: nn.Module, latents: torch.Tensor, scaling_factor: float,
+                     batch_size: int = 16) -> torch.Tensor:
+    """Scaled latents [N, C, h, w] (as stored by engine-encode) -> images [N, 3, H, W] in [-1, 1],
+    on the autoencoder's device, decoded `batch_size` at a time."""
+    if not scaling_factor > 0:
+        raise ValueError(f"decode_to_images: scaling_factor must be > 0, got {scaling_factor}")
+    device = _device_of(autoencoder)
+    chunks = [autoencoder.decode(chunk.to(device).float() / scaling_factor).float().clamp(-1, 1)
+              for chunk in latents.split(batch_size)]
+    return torch.cat(chunks)
+
+
+def save_latents_grid(autoencoder: nn.Module, latents: torch.Tensor, scaling_factor: float,
+                      path: str | Path, nrow: int) -> None:
+    """Decode scaled latents and write them as one PNG grid (`nrow` pictures per row)."""
+    from engine.pictures import save_grid
+
+    save_grid(decode_to_images(autoencoder, latents, scaling_factor), path, nrow)
