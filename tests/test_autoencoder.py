@@ -22,14 +22,6 @@ CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 TINY_KL = ["--autoencoder.channels=8", "--autoencoder.channel_mult=[1, 2]", "--autoencoder.num_groups=4"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # The CI box has 2 cores shared by parallel jobs; one intra-op thread avoids oversubscription.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 class FlatDigits:
     """A synthetic 1x28x28 source (no 28x28 data ships offline): blurred random strokes."""

@@ -16,14 +16,6 @@ TINY_KL = ["--method.name=autoencoder", "--autoencoder.channels=8", "--autoencod
            "--autoencoder.num_groups=4"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # The CI box has 2 cores shared by parallel jobs; one intra-op thread avoids oversubscription.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 class Shape:
     sample_shape = (3, 16, 16)
