@@ -9,13 +9,13 @@ naming the key, the file and the valid choices.
 from __future__ import annotations
 
 import dataclasses
-import tomllib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import tomli_w
+import tomllib
 
 
 class ConfigError(ValueError):
@@ -330,7 +330,7 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
 
 def _parse_override(arg: str) -> tuple[str, str, Any]:
     """'--train.steps=20' -> ('train', 'steps', 20); the value is read as TOML, else kept as a string."""
-    body = arg[2:] if arg.startswith("--") else arg
+    body = arg.removeprefix("--")
     if "=" not in body or "." not in body.split("=", 1)[0]:
         raise ConfigError(f"override {arg!r} must look like --section.key=value (e.g. --train.steps=20)")
     dotted, raw = body.split("=", 1)

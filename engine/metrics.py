@@ -12,7 +12,7 @@ class MetricsWriter:
     def __init__(self, run_dir: Path, resume_step: int, tensorboard: bool):
         self.path = run_dir / "metrics.jsonl"
         self._drop_lines_after(resume_step)
-        self._file = open(self.path, "a", buffering=1)
+        self._file = open(self.path, "a", buffering=1)  # noqa: SIM115 - open for the whole run; closed by close()
         self._tb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter  # slow import: only when wanted

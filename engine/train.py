@@ -15,10 +15,10 @@ import math
 import signal
 import threading
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
@@ -26,11 +26,10 @@ from tqdm import tqdm
 
 from engine import checkpoint as ckpt
 from engine.config import Config
-from engine.data import build_data_source
 from engine.data.base import Batch, batch_seed
 from engine.distributed import World, init_world, resolve_device, shutdown_world
 from engine.ema import EMA
-from engine.methods import build_method
+from engine.methods import build_method, method_class
 from engine.metrics import MetricsWriter
 from engine.pictures import grid_for_tensorboard, save_grid
 from engine.profiling import nvtx_range
@@ -95,11 +94,15 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype:
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
-def train(cfg: Config, should_stop: Callable[[int], bool] | None = None) -> TrainResult:
+def train(cfg: Config, should_stop: Callable[[int], bool] | None = None, *,
+          distributed: bool = True) -> TrainResult:
     """Train (or resume) the run described by `cfg`.
 
     `should_stop(step)` is checked after every optimizer step, like Ctrl+C: when it returns True
-    the loop saves a checkpoint and returns."""
+    the loop saves a checkpoint and returns. `distributed=False` trains in this process alone even
+    under torchrun (a helper run nested in another, e.g. the built-in autoencoder LGT prepares)."""
+    if not distributed:
+        return _train(cfg, World(), should_stop or (lambda step: False))
     world = init_world("cuda" if cfg.train.device != "cpu" and torch.cuda.is_available() else "cpu")
     try:
         return _train(cfg, world, should_stop or (lambda step: False))
@@ -114,7 +117,7 @@ def _train(cfg: Config, world: World, should_stop: Callable[[int], bool]) -> Tra
     resume_from = ckpt.latest_checkpoint(checkpoint_dir)  # before any work: a damaged run dir fails fast
 
     torch.manual_seed(batch_seed(cfg.run.seed, 0, 0, INIT_STREAM))  # same initial weights on every rank
-    data = build_data_source(cfg.data, cfg.run.seed, world.rank, device)
+    data = method_class(cfg.method.name).training_data(cfg, world, device)
     method = build_method(cfg, data).to(device)
     memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
     method = method.to(memory_format=memory_format)

@@ -391,15 +391,34 @@ def _backward_op_fake(dy, x, mean, rstd, num_groups, weight, bias, scale, shift,
 
 
 def _setup_context(ctx, inputs, output):
-    x, num_groups, weight, bias, scale, shift, _, act = inputs
+    x, num_groups, weight, bias, scale, shift, eps, act = inputs
     _, mean, rstd = output
     ctx.save_for_backward(x, weight, bias, scale, shift, mean, rstd)
     ctx.num_groups = num_groups
+    ctx.eps = eps
     ctx.act = act
     ctx.mark_non_differentiable(mean, rstd)
 
 
+def _differentiable_backward(ctx, dy):
+    """The backward as a graph of differentiable ops, for double backward (`create_graph=True`, e.g.
+    LGT's Hutchinson divergence penalty): the Triton backward kernel has no derivative of its own,
+    so the reference is differentiated instead. The saved inputs keep their autograd history."""
+    x, weight, bias, scale, shift, _, _ = ctx.saved_tensors
+    inputs = (x, weight, bias, scale, shift)
+    y = group_norm_film_silu_reference(x, ctx.num_groups, weight, bias, scale, shift, ctx.eps, ctx.act)
+    wanted = [t for t, needed in zip(inputs, (ctx.needs_input_grad[0], *ctx.needs_input_grad[2:6]))
+              if t is not None and needed]
+    grads = iter(torch.autograd.grad(y, wanted, dy, create_graph=True))
+    dx, dweight, dbias, dscale, dshift = (
+        next(grads) if t is not None and needed else None
+        for t, needed in zip(inputs, (ctx.needs_input_grad[0], *ctx.needs_input_grad[2:6])))
+    return dx, None, dweight, dbias, dscale, dshift, None, None
+
+
 def _backward(ctx, dy, _dmean, _drstd):
+    if torch.is_grad_enabled():  # backward(create_graph=True): a second derivative will be taken
+        return _differentiable_backward(ctx, dy)
     x, weight, bias, scale, shift, mean, rstd = ctx.saved_tensors
     dx, sum_du, sum_du_xhat = torch.ops.lgt.group_norm_film_silu_bwd(
         dy, x, mean, rstd, ctx.num_groups, weight, bias, scale, shift, ctx.act)

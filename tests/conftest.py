@@ -12,7 +12,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import pytest  # noqa: E402
+import pytest
 
 # Test tensors are tiny: extra intra-op threads only add synchronisation, and on a busy 2-core
 # machine they oversubscribe the cores (a 6-step training test ran 4x slower with 2 threads).

@@ -2,9 +2,9 @@
 
 import subprocess
 import sys
-import tomllib
 
 import pytest
+import tomllib
 
 from engine.config import Config, ConfigError, load_config
 
@@ -106,6 +106,6 @@ def test_print_config_prints_resolved_toml(tmp_path):
 def test_cli_reports_config_errors_without_traceback(tmp_path):
     path = write(tmp_path, "[train]\nsteps = -1\n")
     proc = subprocess.run([sys.executable, "-c", "from engine.cli import train_main; train_main()", str(path)],
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, check=False)
     assert proc.returncode == 2
     assert "train.steps" in proc.stderr and "Traceback" not in proc.stderr

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator, Protocol
+from typing import Protocol
 
 import torch
 
@@ -13,7 +14,7 @@ class Batch:
     x: torch.Tensor  # [B, C, H, W] images in [-1, 1], or latents
     labels: torch.Tensor  # [B] long class / style ids
 
-    def to(self, device: torch.device | str) -> "Batch":
+    def to(self, device: torch.device | str) -> Batch:
         return Batch(self.x.to(device, non_blocking=True), self.labels.to(device, non_blocking=True))
 
 

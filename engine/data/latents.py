@@ -303,7 +303,7 @@ def train_builtin_autoencoder(cfg: Config) -> Path:
 
         tqdm.write(f"builtin:textures latents: training the built-in autoencoder ({ae.train.steps} steps on "
                    f"{ae.data.image_size}px crops) in {run_dir}; later runs reuse it")
-        if train(ae).stopped_early:
+        if train(ae, distributed=False).stopped_early:
             raise RuntimeError(f"the built-in autoencoder's training was stopped before its {ae.train.steps} "
                                f"steps; run the same command again to resume it (from {run_dir})")
     return run_dir

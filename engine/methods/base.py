@@ -23,6 +23,14 @@ class LossOutput:
 
 
 class Method(nn.Module):
+    @classmethod
+    def training_data(cls, cfg, world, device: torch.device):
+        """The data source this method trains on; most methods take `data.source` as it is.
+        `world` (engine.distributed.World) lets a method prepare shared data on one rank."""
+        from engine.data import build_data_source
+
+        return build_data_source(cfg.data, cfg.run.seed, world.rank, device)
+
     def forward(self, batch: Batch) -> LossOutput:
         """Training loss for one micro-batch. Randomness comes from the global torch RNG, which the
         loop reseeds every step from (run.seed, rank, step)."""

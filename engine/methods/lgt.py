@@ -1,0 +1,409 @@
+"""LGT, latent geometric style transport (DESIGN.md "LGT", seed 001).
+
+A velocity field v(x, t, c) (the engine's U-Net; c is a learned style embedding, the U-Net's class
+table, whose extra last row is the null condition) carries a source latent x_0 to a stylised x_1
+along dx/dt = v over t in [0, 1] with a fixed-step solver, backpropagating through every step.
+One training row:
+
+    target   a style drawn uniformly from the OTHER styles: (source + 1 + randint(K - 1)) % K;
+             with probability label_drop_prob the condition is null and the target is the row's
+             own style (the unconditional field learns to keep a latent in its style)
+    z_ref    a real latent of the target style from the style index, never the row's own source
+             latent (the seed's bug: z_ref = z_src makes both energies pull x_1 back to x_0, and
+             the model learns the identity)
+    energy   w_style * PatchSWD(x_1, z_ref) + w_content * SSM(x_1, x_0)
+             + w_vel * integral of mean ||v||^2 dt + w_div * integral of mean (Hutchinson div v)^2 dt
+
+Inference uses classifier-free guidance, v = v(x,t,null) + s (v(x,t,c) - v(x,t,null)), with the
+conditional and unconditional passes batched into one network call.
+
+The training data (a LatentSource) and the autoencoder that decodes latents for pictures are used,
+not owned: they are held outside the module's state (no state_dict entries, not moved by .to(), not
+duplicated by the EMA's deepcopy). The latent scaling factor is a buffer, so a checkpoint decodes
+with the factor its latents were made with.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import torch
+
+from engine.checkpoint import CheckpointError
+from engine.data.base import Batch, DataInfo
+from engine.methods.base import LossOutput, Method
+from engine.methods.lgt_energy import (
+    PatchSWD,
+    SelfSimilarity,
+    global_patch_swd,
+    hutchinson_divergence,
+    random_directions,
+    random_probe,
+)
+from engine.methods.ode import integrate, integrate_with_aux
+from engine.models.unet import UNet
+
+TIME_SCALE = 1000.0  # t in [0, 1] -> the sinusoidal embedding's range (resolves ~1e-3 steps)
+TRANSFER_BATCH = 64  # rows per network call at inference (x2 with guidance)
+EVAL_SEED = 0  # fixed directions and subsets: evaluations of different runs are comparable
+EVAL_ROWS_PER_STYLE = 8  # when the data has no held-out split: the first rows of each style
+
+
+class NotOwned:
+    """A reference to something a module uses but does not own (the data set, the autoencoder):
+    invisible to state_dict and .to(), and shared rather than copied by copy.deepcopy (the EMA copy)."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def __deepcopy__(self, memo):
+        return self
+
+
+class LatentDecoder:
+    """The autoencoder that made the latents, loaded from `path` on first use."""
+
+    def __init__(self, path: str | None):
+        self.path = path
+        self._model = None
+        self.warned = False
+
+    def load(self, device: torch.device) -> torch.nn.Module:
+        """The autoencoder on `device`; FileNotFoundError / ValueError saying what is missing."""
+        if not self.path:
+            raise FileNotFoundError("this LGT run does not know which autoencoder made its latents; set "
+                                    "lgt.autoencoder (or pass --autoencoder) to its run directory")
+        if self._model is None:
+            from engine.models.autoencoder import load_autoencoder
+
+            try:
+                self._model, _ = load_autoencoder(self.path, device)
+            except FileNotFoundError as err:
+                raise FileNotFoundError(f"the autoencoder that made this run's latents is missing ({err}); "
+                                        f"pass its run directory with --autoencoder (engine-transfer) or "
+                                        f"set lgt.autoencoder") from err
+        return self._model.to(device)
+
+
+def draw_targets(source_style: torch.Tensor, num_styles: int, drop_prob: float
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(target style [B], network condition [B]) per row, from the global RNG.
+
+    target is uniform over the styles other than the source's; with probability drop_prob the
+    condition is null (= num_styles) and the target is the source style itself."""
+    shape, device = source_style.shape, source_style.device
+    other = (source_style + torch.randint(1, num_styles, shape, device=device)) % num_styles
+    dropped = torch.rand(shape, device=device) < drop_prob
+    target = torch.where(dropped, source_style, other)
+    condition = torch.where(dropped, torch.full_like(target, num_styles), target)
+    return target, condition
+
+
+def sample_style_reference(latents: torch.Tensor, index, target: torch.Tensor, source: torch.Tensor
+                           ) -> torch.Tensor:
+    """A real latent of style target[b] for every row b, never the row's own source latent: [B, C, H, W] fp32.
+
+    `index` is the data's StyleIndex (rows sorted by style, offsets, counts). A row of another style
+    can never be the source row; a row whose target is its own style (a dropped condition) could draw
+    itself. Batches do not say which dataset row they came from, so the draw is compared with the
+    source by value, and where they are equal (the source row, or an exact copy of it) the draw moves
+    to a uniformly random other row of that style. Needs >= 2 latents per style; no host sync.
+    """
+    counts = index.counts[target]
+    first = index.offsets[target]
+    u = torch.rand((2, target.shape[0]), device=target.device, dtype=torch.float64)
+    # float64 keeps floor(u * count) < count for every u < 1; the minimum is belt and braces.
+    rank = torch.minimum((u[0] * counts).long(), counts - 1)
+    drawn = latents[index.rows[first + rank]]
+    own = (drawn.float() == source).flatten(1).all(dim=1)
+    others = counts - 1
+    shift = 1 + torch.minimum((u[1] * others).long(), others - 1)  # uniform in 1..count-1
+    rank = torch.where(own, (rank + shift) % counts, rank)
+    return latents[index.rows[first + rank]].float()
+
+
+def latent_channels_as_images(latents: torch.Tensor) -> torch.Tensor:
+    """Latents [N, C, h, w] -> pictures in [-1, 1] without an autoencoder: the first 3 channels as
+    RGB (1 channel as grey when C < 3), divided by the largest magnitude in the whole set."""
+    pictures = latents[:, :3] if latents.shape[1] >= 3 else latents[:, :1]
+    pictures = pictures.float()
+    return pictures / pictures.abs().amax().clamp_min(1e-8)
+
+
+class LGT(Method):
+    name = "lgt"
+
+    def __init__(self, unet: UNet, latent_shape: tuple[int, int, int], class_names: list[str], lgt_cfg,
+                 ode_cfg, swd_cfg, ssm_cfg, data=None, autoencoder_path: str | None = None,
+                 scaling_factor: float = 0.0):
+        super().__init__()
+        if len(class_names) < 2:
+            raise ValueError(f"LGT transports between styles: it needs at least 2 styles, got {class_names}")
+        self.unet = unet
+        self.latent_shape = tuple(latent_shape)  # [C, H, W] of one latent
+        self.class_names = list(class_names)
+        self.num_styles = len(class_names)
+        self.label_drop_prob = lgt_cfg.label_drop_prob
+        self.weights = {"style": lgt_cfg.w_style, "content": lgt_cfg.w_content, "vel": lgt_cfg.w_vel,
+                        "div": lgt_cfg.w_div}
+        self.div_probe = lgt_cfg.div_probe
+        self.cfg_scale = lgt_cfg.cfg_scale
+        self.solver, self.steps, self.checkpoint_steps = ode_cfg.solver, ode_cfg.steps, ode_cfg.checkpoint
+        self.style_energy = PatchSWD(swd_cfg.num_projections, swd_cfg.kernel_size, swd_cfg.per_sample,
+                                     swd_cfg.max_samples)
+        self.content_energy = SelfSimilarity(ssm_cfg.max_spatial_samples)
+        self.register_buffer("scaling_factor", torch.tensor(float(scaling_factor)))
+        self._data = NotOwned(data)
+        self._decoder = NotOwned(LatentDecoder(autoencoder_path))
+
+    @classmethod
+    def training_data(cls, cfg, world, device: torch.device):
+        """LGT trains on latents (see `build_lgt_data`). Under torchrun, rank 0 prepares the built-in
+        latents alone (training the autoencoder in-process, not distributed) while the others wait,
+        then every rank loads the cached file."""
+        if world.size > 1 and cfg.data.source == "builtin:textures":
+            from engine.data.latents import prepare_builtin_latents
+
+            if world.is_main:
+                prepare_builtin_latents(cfg)
+            world.barrier()
+        return build_lgt_data(cfg, world.rank, device)
+
+    @classmethod
+    def from_config(cls, cfg, data) -> LGT:
+        """`data`: the training LatentSource, or a DataInfo (opened from a checkpoint: no data)."""
+        channels, side = data.sample_shape[0], data.sample_shape[1]
+        unet = UNet.from_config(cfg.model, channels, channels, len(data.class_names), side)
+        sections = (data.sample_shape, data.class_names, cfg.lgt, cfg.ode, cfg.swd, cfg.ssm)
+        if hasattr(data, "style_index"):
+            _check_styles(data)
+            return cls(unet, *sections, data=data, autoencoder_path=data.autoencoder.path,
+                       scaling_factor=data.scaling_factor)
+        if not isinstance(data, DataInfo):
+            raise ValueError(f"LGT trains on latents: data.source = {cfg.data.source!r} gave a "  # noqa: TRY004 - a config error
+                             f"{type(data).__name__}; use data.source = 'latents:PATH' (from engine-encode) "
+                             f"or 'builtin:textures' (prepared into latents)")
+        return cls(unet, *sections, autoencoder_path=autoencoder_path_from_config(cfg))
+
+    def autoencoder(self, device: torch.device) -> torch.nn.Module:
+        """The autoencoder that made the latents (loaded on first use; never part of the weights)."""
+        return self._decoder.value.load(device)
+
+    def use_autoencoder(self, path: str) -> None:
+        """Decode with the autoencoder at `path` (run / checkpoint directory) instead of the recorded one."""
+        self._decoder.value = LatentDecoder(path)
+
+    # ------------------------------------------------------------------ the velocity field
+
+    def velocity(self, x: torch.Tensor, t: torch.Tensor, condition: torch.Tensor | None) -> torch.Tensor:
+        """v(x, t, c): x [B, C, H, W], t [B] in [0, 1], condition [B] style ids (num_styles = null)."""
+        return self.unet(x, t * TIME_SCALE, condition)
+
+    def guided_velocity(self, x: torch.Tensor, t: torch.Tensor, styles: torch.Tensor, cfg_scale: float
+                        ) -> torch.Tensor:
+        """v(x,t,null) + s (v(x,t,c) - v(x,t,null)): one batched network call (one pass at s = 0 or 1)."""
+        if cfg_scale == 1.0:
+            return self.velocity(x, t, styles)
+        null = torch.full_like(styles, self.num_styles)
+        if cfg_scale == 0.0:
+            return self.velocity(x, t, null)
+        both = self.velocity(torch.cat([x, x]), torch.cat([t, t]), torch.cat([styles, null]))
+        v_cond, v_null = both.chunk(2)
+        return v_null + cfg_scale * (v_cond - v_null)
+
+    def transport(self, x0: torch.Tensor, condition: torch.Tensor
+                  ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Training transport: (x_1 fp32, {"vel": integral over t of mean v^2, and with w_div > 0
+        "div": integral of the batch mean of (Hutchinson div v)^2})."""
+        with_div = self.weights["div"] > 0 and torch.is_grad_enabled()
+
+        def field(x, t):
+            if with_div and not x.requires_grad:
+                x = x.detach().requires_grad_(True)  # the first step starts from data
+            v = self.velocity(x, t, condition)
+            aux = (v.float().square().mean(),)
+            if with_div:
+                divergence = hutchinson_divergence(v, x, random_probe(x, self.div_probe))  # [B]
+                aux += (divergence.square().mean(),)
+            return v, aux
+
+        x1, aux = integrate_with_aux(field, x0.float(), self.solver, self.steps,
+                                     checkpoint=self.checkpoint_steps)
+        return x1, dict(zip(("vel", "div"), aux))
+
+    # ------------------------------------------------------------------ training
+
+    def forward(self, batch: Batch) -> LossOutput:
+        data = self._data.value
+        if data is None:
+            raise RuntimeError("this LGT method was opened from a checkpoint without data: it can transfer "
+                               "styles but not train")
+        source, source_style = batch.x.float(), batch.labels
+        target, condition = draw_targets(source_style, self.num_styles, self.label_drop_prob)
+        reference = sample_style_reference(data.latents, data.style_index, target, source)
+        x1, regularisers = self.transport(source, condition)
+        terms = {"style": self.style_energy(x1, reference), "content": self.content_energy(x1, source),
+                 **regularisers}
+        loss = sum(self.weights[name] * value for name, value in terms.items() if self.weights[name] > 0)
+        return LossOutput(loss, {name: value.detach() for name, value in terms.items()})
+
+    # ------------------------------------------------------------------ inference
+
+    @torch.no_grad()
+    def transfer(self, content_latents: torch.Tensor, styles, cfg_scale: float | None = None,
+                 steps: int | None = None, solver: str | None = None,
+                 batch_size: int = TRANSFER_BATCH) -> torch.Tensor:
+        """Stylised latents [B, C, H, W] (fp32) of content latents [B, C, H, W] in `styles` (one id, or
+        [B] ids), with guidance scale `cfg_scale` (default lgt.cfg_scale), `batch_size` rows at a time."""
+        cfg_scale = self.cfg_scale if cfg_scale is None else cfg_scale
+        steps, solver = steps or self.steps, solver or self.solver
+        content = content_latents.float()
+        styles = torch.as_tensor(styles, device=content.device, dtype=torch.long).expand(content.shape[0])
+        out = [integrate(lambda x, t, s=s: self.guided_velocity(x, t, s, cfg_scale), x0, solver, steps)
+               for x0, s in zip(content.split(batch_size), styles.split(batch_size))]
+        return torch.cat(out)
+
+    def latents_to_images(self, latents: torch.Tensor, strict: bool = False) -> torch.Tensor:
+        """Pictures [N, 3, H, W] in [-1, 1] decoded by the autoencoder that made the latents; without one
+        (e.g. synthetic latents) the latent channels themselves, unless `strict` (then the error)."""
+        from engine.models.autoencoder import decode_to_images
+
+        decoder = self._decoder.value
+        scaling_factor = float(self.scaling_factor)
+        try:
+            if not scaling_factor > 0:
+                raise ValueError("the latent scaling factor is unknown (0): this method was not built from "
+                                 "a latents file nor loaded from an LGT checkpoint")
+            return decode_to_images(self.autoencoder(latents.device), latents, scaling_factor)
+        except (FileNotFoundError, ValueError, ImportError, CheckpointError) as err:
+            if strict:
+                raise
+            if not decoder.warned:
+                warnings.warn(f"LGT pictures show latent channels: cannot decode with the autoencoder "
+                              f"({err})", stacklevel=2)
+                decoder.warned = True
+            return latent_channels_as_images(latents)
+
+    @torch.no_grad()
+    def style_grid(self, content_latents: torch.Tensor, styles: list[int], cfg_scale: float | None = None,
+                   steps: int | None = None, solver: str | None = None, strict: bool = False
+                   ) -> tuple[torch.Tensor, int]:
+        """(pictures, per row) of a content x styles grid: per content row, the content itself, then
+        it transported to each of `styles`."""
+        n, k = content_latents.shape[0], len(styles)
+        style_ids = torch.tensor(styles, device=content_latents.device).repeat(n)  # row-major: content, style
+        stylised = self.transfer(content_latents.repeat_interleave(k, dim=0), style_ids, cfg_scale, steps,
+                                 solver)
+        cells = torch.cat([content_latents.float()[:, None],
+                           stylised.view(n, k, *content_latents.shape[1:])], dim=1)  # [n, 1 + k, C, H, W]
+        return self.latents_to_images(cells.flatten(0, 1), strict), 1 + k
+
+    @torch.no_grad()
+    def sample_grid(self, batch: Batch, generator: torch.Generator) -> tuple[torch.Tensor, int]:
+        """Every content latent of `batch` (rows) in every style (columns after the content itself).
+        Transport is deterministic: `generator` is not needed."""
+        return self.style_grid(batch.x, list(range(self.num_styles)))
+
+    # ------------------------------------------------------------------ evaluation
+
+    @torch.no_grad()
+    def evaluate(self, data) -> dict[str, float]:
+        """Per style s, on held-out content latents of the other styles transported to s (guided):
+
+            swd_before/s  global patch SWD between the contents and real latents of s
+            swd_after/s   the same for the transported latents (lower: closer to style s)
+            ssm/s         SSM distance between the transported latents and their contents
+
+        Fixed seed, directions and subsets, so the numbers of different runs compare."""
+        if not hasattr(data, "style_index"):
+            raise ValueError("LGT evaluation needs the run's latents (a LatentSource), not only its "
+                             "data info")
+        contents, content_styles = evaluation_latents(data)
+        device = self.scaling_factor.device
+        contents, content_styles = contents.to(device), content_styles.to(device)
+        swd, ssm = self.style_energy, self.content_energy
+
+        def seeded(on: torch.device = device) -> torch.Generator:
+            return torch.Generator(on).manual_seed(EVAL_SEED)
+
+        patch_size = contents.shape[1] * swd.kernel_size ** 2
+        theta = random_directions(swd.num_projections, patch_size, device, seeded())
+        results = {}
+        for style, name in enumerate(self.class_names):
+            content = contents[content_styles != style]
+            if content.shape[0] == 0:
+                continue
+            targets = torch.full((content.shape[0],), style, device=data.latents.device)
+            real = data.latents[data.style_index.sample_rows_of(targets, seeded(data.latents.device))]
+            real = real.to(device).float()
+            moved = self.transfer(content, style)
+            results[f"swd_before/{name}"] = global_patch_swd(content, real, theta, swd.kernel_size,
+                                                             swd.max_samples, seeded()).item()
+            results[f"swd_after/{name}"] = global_patch_swd(moved, real, theta, swd.kernel_size,
+                                                            swd.max_samples, seeded()).item()
+            results[f"ssm/{name}"] = ssm(moved, content, seeded()).item()
+        return results
+
+
+def build_lgt_data(cfg, rank: int = 0, device: str | torch.device = "cpu"):
+    """The LatentSource an LGT run trains on: data.source = 'latents:PATH', or 'builtin:textures'
+    encoded once into cached latents (`prepare_builtin_latents`). With lgt.holdout_per_style > 0 the
+    first that many latents of every style are held out of it, as `.heldout` (a Batch) for `evaluate`."""
+    from engine.data.latents import LatentSource, prepare_builtin_latents
+
+    kind, _, path = cfg.data.source.partition(":")
+    if cfg.data.source == "builtin:textures":
+        path = prepare_builtin_latents(cfg)
+    elif kind != "latents" or not path:
+        raise ValueError(f"LGT trains on latents: data.source = {cfg.data.source!r} must be 'latents:PATH' "
+                         f"(from engine-encode) or 'builtin:textures' (encoded into cached latents)")
+    source = LatentSource.load(path, cfg.run.seed, rank, device)
+    if cfg.lgt.holdout_per_style > 0:
+        source, heldout = source.split_holdout(cfg.lgt.holdout_per_style)
+        source.heldout = heldout
+    return source
+
+
+def evaluation_latents(data) -> tuple[torch.Tensor, torch.Tensor]:
+    """(latents fp32, styles) to evaluate on: the data's held-out split (`data.heldout`, a Batch) when
+    it has one, else the first EVAL_ROWS_PER_STYLE rows of every style (then seen in training)."""
+    heldout = getattr(data, "heldout", None)
+    if heldout is not None:
+        return heldout.x.float(), heldout.labels
+    index = data.style_index
+    rows = torch.cat([index.rows_of(style)[:EVAL_ROWS_PER_STYLE] for style in range(index.num_labels)])
+    return data.latents[rows].float(), data.labels[rows]
+
+
+def _check_styles(data) -> None:
+    """Every style needs 2 latents: a dropped row's reference is another latent of its own style."""
+    data.style_index.require_all(len(data.class_names))
+    counts = data.style_index.counts.tolist()
+    short = [f"{data.class_names[y]!r} ({count})" for y, count in enumerate(counts) if count < 2]
+    if short:
+        raise ValueError(f"LGT needs at least 2 training latents per style (a row's style reference is never "
+                         f"its own latent); too few for: {', '.join(short)}")
+
+
+def autoencoder_path_from_config(cfg) -> str | None:
+    """Where the autoencoder that made a run's latents is, from its config alone (no data loaded):
+    the latents file's record for data.source = 'latents:PATH' (else lgt.autoencoder), for
+    'builtin:textures' lgt.autoencoder or the built-in one in run.cache_dir. None when unknown."""
+    kind, _, path = cfg.data.source.partition(":")
+    if kind == "latents":
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(path, framework="pt") as f:
+                recorded = (f.metadata() or {}).get("autoencoder")
+        except (SafetensorError, OSError):
+            recorded = None
+        return recorded or cfg.lgt.autoencoder or None
+    if cfg.lgt.autoencoder:
+        return cfg.lgt.autoencoder
+    if cfg.data.source == "builtin:textures":
+        from engine.data.latents import builtin_autoencoder_config
+
+        return str(Path(builtin_autoencoder_config(cfg).run.dir))
+    return None
