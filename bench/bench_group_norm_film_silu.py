@@ -10,7 +10,7 @@ CPU:  TRITON_INTERPRET=1 pytest bench/bench_group_norm_film_silu.py --benchmark-
 import pytest
 import torch
 import torch.nn.functional as F
-from common import gb_per_s, median_ms, on_gpu, peak_memory_mb, record
+from common import gb_per_s, median_ms, on_gpu, peak_memory_mb, record, synchronized
 
 import kernels
 from kernels._dispatch import triton_interpreting
@@ -62,15 +62,6 @@ def step(chain, inputs, backward):
     x = inputs[0]
     dy = torch.randn_like(x)
     return lambda: torch.autograd.grad(chain(*inputs), inputs, dy)
-
-
-def synchronized(fn):
-    """fn followed by a device sync, so pytest-benchmark's own wall-clock timing is meaningful."""
-    def run():
-        fn()
-        if on_gpu():
-            torch.cuda.synchronize()
-    return run
 
 
 @pytest.mark.parametrize("backward", [False, True], ids=["forward", "forward_backward"])

@@ -10,7 +10,7 @@ CPU:  TRITON_INTERPRET=1 pytest bench/bench_ssm_loss.py --benchmark-disable
 
 import pytest
 import torch
-from common import median_ms, on_gpu, peak_memory_mb, record
+from common import median_ms, on_gpu, peak_memory_mb, record, synchronized
 
 import kernels
 from kernels._dispatch import triton_interpreting
@@ -46,15 +46,6 @@ def step(loss_fn, case, backward):
     if not backward:
         return lambda: loss_fn(x, y, index)
     return lambda: torch.autograd.grad(loss_fn(x, y, index), x)
-
-
-def synchronized(fn):
-    """fn followed by a device sync, so pytest-benchmark's own wall-clock timing is meaningful."""
-    def run():
-        fn()
-        if on_gpu():
-            torch.cuda.synchronize()
-    return run
 
 
 @pytest.mark.parametrize("backward", [False, True], ids=["forward", "forward_backward"])

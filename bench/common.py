@@ -45,6 +45,15 @@ def median_ms(fn: Callable[[], object], warmup: int = 10, rep: int = 50) -> floa
     return statistics.median(times)
 
 
+def synchronized(fn: Callable[[], object]) -> Callable[[], None]:
+    """fn followed by a device sync, so pytest-benchmark's own wall-clock timing is meaningful."""
+    def run():
+        fn()
+        if on_gpu():
+            torch.cuda.synchronize()
+    return run
+
+
 def peak_memory_mb(fn: Callable[[], object]) -> float | None:
     """Peak CUDA memory allocated during one `fn()` call above what was already allocated, in MiB.
 
