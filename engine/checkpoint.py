@@ -140,14 +140,22 @@ def _step_dirs(checkpoint_dir: Path) -> list[tuple[int, Path]]:
 
 
 def _remove_old(checkpoint_dir: Path, keep: int) -> None:
-    for _, path in _step_dirs(checkpoint_dir)[keep:]:
+    """Keep the `keep` newest intact checkpoints and delete everything older. Damaged directories
+    never count towards `keep` (they cannot be resumed from); those newer than the kept ones are
+    left for inspection, and loading skips them."""
+    intact = 0
+    for _, path in _step_dirs(checkpoint_dir):  # newest first
+        if intact < keep:
+            intact += verify(path, checksums=False) is None
+            continue
         shutil.rmtree(path, ignore_errors=True)
     for leftover in checkpoint_dir.glob(".tmp-step-*"):
         shutil.rmtree(leftover, ignore_errors=True)
 
 
-def verify(path: Path) -> str | None:
-    """None if the checkpoint at `path` is complete and intact, else what is wrong with it."""
+def verify(path: Path, checksums: bool = True) -> str | None:
+    """None if the checkpoint at `path` is complete and intact, else what is wrong with it.
+    `checksums=False` checks presence and sizes only (cheap; used when rotating old checkpoints)."""
     manifest_path = path / MANIFEST
     if not manifest_path.is_file():
         return "no manifest.json (the write never finished)"
@@ -162,7 +170,7 @@ def verify(path: Path) -> str | None:
             return f"{name} is missing"
         if file.stat().st_size != expected["bytes"]:
             return f"{name} is {file.stat().st_size} bytes, expected {expected['bytes']} (truncated?)"
-        if _sha256(file) != expected["sha256"]:
+        if checksums and _sha256(file) != expected["sha256"]:
             return f"{name} does not match its checksum (corrupt)"
     return None
 

@@ -11,9 +11,25 @@ import torch
 from engine.config import ConfigError, describe_options, load_config
 
 
-def _fail(message: str) -> None:
+def _fail(message: str, code: int = 2) -> None:
     print(f"error: {message}", file=sys.stderr)
-    raise SystemExit(2)
+    raise SystemExit(code)
+
+
+def _at_least(minimum: int):
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+    return parse
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
 
 
 def train_main(argv: list[str] | None = None) -> None:
@@ -34,11 +50,13 @@ def train_main(argv: list[str] | None = None) -> None:
         return
 
     from engine.checkpoint import CheckpointError
-    from engine.train import NonFiniteLossError, train
+    from engine.train import NonFiniteLossError, RunInterrupted, train
 
     try:
         result = train(cfg)
-    except (CheckpointError, NonFiniteLossError, ValueError, FileNotFoundError) as err:
+    except RunInterrupted as err:
+        _fail(str(err), code=130)
+    except (CheckpointError, NonFiniteLossError, ValueError, OSError) as err:
         _fail(str(err))
     state = "stopped early; rerun the same command to resume" if result.stopped_early else "done"
     print(f"{state}: step {result.step}, run directory {result.run_dir}")
@@ -70,13 +88,13 @@ def sample_main(argv: list[str] | None = None) -> None:
                                      description="Draw a PNG grid of samples from a trained diffusion run.")
     parser.add_argument("--checkpoint", required=True, help="run directory or checkpoints/step-N directory")
     parser.add_argument("--out", default="samples.png", help="PNG file to write")
-    parser.add_argument("--n", type=int, default=16, help="number of samples")
+    parser.add_argument("--n", type=_at_least(1), default=16, help="number of samples")
     parser.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddim")
-    parser.add_argument("--steps", type=int, default=50, help="DDIM steps (DDPM uses every timestep)")
-    parser.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 = deterministic)")
+    parser.add_argument("--steps", type=_at_least(1), default=50, help="DDIM steps (DDPM uses every timestep)")
+    parser.add_argument("--eta", type=_non_negative_float, default=0.0, help="DDIM eta (0 = deterministic)")
     parser.add_argument("--cfg", type=float, default=1.0, help="classifier-free guidance scale")
     parser.add_argument("--labels", help="comma-separated class ids or names (default: cycle over classes)")
-    parser.add_argument("--nrow", type=int, default=0, help="images per grid row (default: ~sqrt(n))")
+    parser.add_argument("--nrow", type=_at_least(0), default=0, help="images per grid row (default: ~sqrt(n))")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--raw-weights", action="store_true", help="use the raw weights instead of the EMA")
@@ -99,8 +117,9 @@ def sample_main(argv: list[str] | None = None) -> None:
         _fail(f"method {cfg.method.name!r} has no sampler for engine-sample "
               f"(LGT runs use engine-transfer; autoencoders engine-encode)")
     method.load_state_dict(checkpoint.model_state(ema=not args.raw_weights))
-    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-                          else "cpu")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        _fail("--device cuda: no CUDA device is available; use --device cpu or auto")
+    device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
     method = method.to(device).eval()
     labels = _parse_labels(args.labels, data.class_names, args.n)
     generator = torch.Generator(device).manual_seed(args.seed)

@@ -29,9 +29,14 @@ def init_world(device_kind: str) -> World:
     size = int(os.environ.get("WORLD_SIZE", "1"))
     if size == 1:
         return World()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device_kind == "cuda":
+        # Before anything touches the GPU: Triton launches on the *current* device and stream, and
+        # NCCL picks its GPU from it, so every rank must make its own GPU current.
+        torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device_kind == "cuda" else "gloo")
-    return World(rank=dist.get_rank(), local_rank=int(os.environ.get("LOCAL_RANK", "0")), size=size)
+    return World(rank=dist.get_rank(), local_rank=local_rank, size=size)
 
 
 def resolve_device(requested: str, world: World) -> torch.device:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import torch
@@ -23,8 +24,15 @@ class MetricsWriter:
         """A resumed run re-logs the steps after its checkpoint: drop the interrupted run's copies."""
         if not self.path.exists():
             return
-        kept = [line for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step]
+        kept = []
+        for line in self.path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:  # a line torn by a hard kill or a full disk
+                warnings.warn(f"{self.path}: dropping an unreadable line: {line[:80]!r}", stacklevel=2)
+                continue
+            if row.get("step", 0) <= step:
+                kept.append(line)
         self.path.write_text("".join(line + "\n" for line in kept))
 
     def scalars(self, step: int, values: dict[str, float]) -> None:

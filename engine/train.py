@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -40,6 +41,11 @@ STEP_STREAM, INIT_STREAM, GRID_STREAM = 1, 2, 3
 
 class NonFiniteLossError(RuntimeError):
     """Raised before the optimizer would apply a NaN/inf update."""
+
+
+class RunInterrupted(Exception):
+    """A run nested inside another (e.g. the built-in autoencoder) was stopped by Ctrl+C/SIGTERM;
+    its checkpoint is saved and rerunning the same command resumes it."""
 
 
 @dataclass
@@ -116,8 +122,10 @@ def _train(cfg: Config, world: World, should_stop: Callable[[int], bool]) -> Tra
     checkpoint_dir = run_dir / "checkpoints"
     resume_from = ckpt.latest_checkpoint(checkpoint_dir)  # before any work: a damaged run dir fails fast
 
-    torch.manual_seed(batch_seed(cfg.run.seed, 0, 0, INIT_STREAM))  # same initial weights on every rank
     data = method_class(cfg.method.name).training_data(cfg, world, device)
+    # Seeded right before the weights are made (the same on every rank): preparing data, e.g.
+    # training the built-in autoencoder, draws random numbers and must not change them.
+    torch.manual_seed(batch_seed(cfg.run.seed, 0, 0, INIT_STREAM))
     method = build_method(cfg, data).to(device)
     memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
     method = method.to(memory_format=memory_format)
@@ -133,6 +141,7 @@ def _train(cfg: Config, world: World, should_stop: Callable[[int], bool]) -> Tra
     step, micro_batches_done = 0, 0
     if resume_from is not None:
         step, micro_batches_done = _restore(resume_from, method, ema, optimizer, scheduler, scaler)
+        _apply_optimizer_settings(cfg, optimizer, scheduler)
         if world.is_main:
             tqdm.write(f"resuming from {resume_from.path} (step {step})")
     if world.is_main:
@@ -163,7 +172,7 @@ def _train(cfg: Config, world: World, should_stop: Callable[[int], bool]) -> Tra
     progress = tqdm(total=cfg.train.steps, initial=step, unit="step", dynamic_ncols=True,
                     disable=not world.is_main, desc=Path(cfg.run.dir).name)
     stopped_early = False
-    last_saved = step
+    start_step = last_saved = step
     timer = time.perf_counter()
     with StopRequest() as stop:
         while step < cfg.train.steps:
@@ -196,6 +205,9 @@ def _train(cfg: Config, world: World, should_stop: Callable[[int], bool]) -> Tra
                 finite = torch.isfinite(term_sums["loss"])
                 if scaler.is_enabled() is False:
                     finite = finite & torch.isfinite(grad_norm)
+                if world.size > 1:  # one decision for all ranks, or the others hang in the next collective
+                    finite = finite.float()
+                    torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
                 if not bool(finite):
                     raise NonFiniteLossError(
                         f"step {step + 1}: loss = {term_sums['loss'].item()}, grad norm = {grad_norm.item()}; "
@@ -218,9 +230,6 @@ def _train(cfg: Config, world: World, should_stop: Callable[[int], bool]) -> Tra
                               sec_per_step=elapsed / cfg.log.every)
                 metrics.scalars(step, values)
                 progress.set_postfix(loss=f"{values['loss']:.4g}", refresh=False)
-            if grid_batch is not None and world.is_main and step % cfg.sample.every == 0:
-                _save_sample_grid(ema.module if ema else method, grid_batch, cfg, run_dir, step, metrics)
-
             stop_now = stop.requested or should_stop(step)
             if world.size > 1:  # every rank must agree to stop at the same step
                 flag = torch.tensor(float(stop_now), device=device)
@@ -229,13 +238,16 @@ def _train(cfg: Config, world: World, should_stop: Callable[[int], bool]) -> Tra
             if step % cfg.checkpoint.every == 0 or stop_now or step == cfg.train.steps:
                 save(step)
                 last_saved = step
+            # After the checkpoint: a failing picture must never cost the step's checkpoint.
+            if grid_batch is not None and world.is_main and step % cfg.sample.every == 0:
+                _save_sample_grid(ema.module if ema else method, grid_batch, cfg, run_dir, step, metrics)
             if stop_now:
                 stopped_early = step < cfg.train.steps
                 break
     progress.close()
     if last_saved != step:
         save(step)
-    if world.is_main and not stopped_early:
+    if world.is_main and not stopped_early and step > start_step:  # a rerun of a finished run does nothing
         _report_evaluation(ema.module if ema else method, data, step, metrics)
     if metrics is not None:
         metrics.close()
@@ -249,9 +261,20 @@ def _restore(checkpoint: ckpt.Checkpoint, method, ema, optimizer, scheduler, sca
         ema.load_state_dict(checkpoint.model_state(ema=True), state["ema_updates"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
-    scaler.load_state_dict(state["scaler"])
+    if scaler.is_enabled() and state["scaler"]:  # empty when the checkpointed run did not use fp16
+        scaler.load_state_dict(state["scaler"])
     torch.set_rng_state(state["rng"]["torch"])
     return state["step"], state["data_position"]
+
+
+def _apply_optimizer_settings(cfg: Config, optimizer, scheduler) -> None:
+    """A resumed run follows the current config's lr, betas and weight decay: the checkpoint's
+    param groups (and the scheduler's base LRs) would silently keep the old ones."""
+    factor = lr_lambda(cfg)(scheduler.last_epoch)
+    scheduler.base_lrs = [cfg.train.lr for _ in optimizer.param_groups]
+    for group in optimizer.param_groups:
+        group.update(lr=cfg.train.lr * factor, initial_lr=cfg.train.lr, betas=tuple(cfg.train.betas),
+                     weight_decay=cfg.train.weight_decay)
 
 
 def _rng_state() -> dict:
@@ -286,8 +309,12 @@ def _save_sample_grid(method, grid_batch: Batch, cfg: Config, run_dir: Path, ste
         method.eval()
         generator = torch.Generator(grid_batch.x.device).manual_seed(
             batch_seed(cfg.run.seed, 0, 0, GRID_STREAM))
-        images, nrow = method.sample_grid(grid_batch, generator)
-        save_grid(images, run_dir / "samples" / f"step-{step:07d}.png", nrow)
+        try:
+            images, nrow = method.sample_grid(grid_batch, generator)
+            save_grid(images, run_dir / "samples" / f"step-{step:07d}.png", nrow)
+        except (ValueError, RuntimeError, OSError) as err:
+            tqdm.write(f"warning: no sample grid at step {step}: {err}; training goes on", file=sys.stderr)
+            return
         if metrics is not None:
             metrics.image("samples", grid_for_tensorboard(images, nrow), step)
 

@@ -52,6 +52,16 @@ def test_damaged_newest_is_skipped_with_a_warning(tmp_path, damage):
     assert found.step == 1
 
 
+def test_rotation_counts_only_intact_checkpoints(tmp_path):
+    save(tmp_path, 100)
+    save(tmp_path, 200)
+    (save(tmp_path, 300) / "ema.safetensors").unlink()  # damaged: resume goes back to 200
+    save(tmp_path, 250, keep=1)
+    assert sorted(p.name for p in tmp_path.glob("step-*")) == ["step-250", "step-300"]
+    with pytest.warns(UserWarning, match="step-300"):
+        assert ckpt.latest_checkpoint(tmp_path).step == 250
+
+
 def test_no_intact_checkpoint_is_an_error_not_a_fresh_start(tmp_path):
     only = save(tmp_path, 3)
     (only / "train_state.pt").write_bytes(b"garbage")

@@ -1,5 +1,6 @@
 """patch_swd: the reference against a naive unfold + matmul + sort, the Triton kernel (forward and
-backward) against the float64 reference, ties, identical inputs, half precision, bad inputs.
+backward) against the float64 reference, theta's gradient on both backends, ties, identical inputs,
+half precision, bad inputs.
 
 On CPU the kernel runs under TRITON_INTERPRET=1, where tl.sort costs ~1 ms per element and
 stage: shapes stay tiny.
@@ -44,9 +45,10 @@ def _assert_close_to_reference(actual, expected, rtol):
     torch.testing.assert_close(actual.double(), expected, rtol=rtol, atol=rtol * expected.abs().max().item())
 
 
-def _loss_and_grads(loss_fn, x, y):
+def _loss_and_grads(loss_fn, x, y, *more_inputs):
+    """The loss and its gradients with respect to x, y and any further inputs (e.g. theta)."""
     loss = loss_fn(x, y)
-    return (loss, *torch.autograd.grad(loss, (x, y)))
+    return (loss, *torch.autograd.grad(loss, (x, y, *more_inputs)))
 
 
 def _reference(theta, kernel_size):
@@ -62,9 +64,9 @@ def _triton(theta, kernel_size):
 def test_reference_matches_naive_unfold_sort(seed, shape, kernel_size, num_directions):
     x = torch.randn(shape, dtype=torch.float64, device=DEVICE, requires_grad=True)
     y = torch.randn(shape, dtype=torch.float64, device=DEVICE, requires_grad=True)
-    theta = _random_directions(num_directions, shape[1] * kernel_size**2)
-    expected = _loss_and_grads(lambda a, b: _naive_patch_swd(a, b, theta, kernel_size), x, y)
-    actual = _loss_and_grads(_reference(theta, kernel_size), x, y)
+    theta = _random_directions(num_directions, shape[1] * kernel_size**2).requires_grad_(True)
+    expected = _loss_and_grads(lambda a, b: _naive_patch_swd(a, b, theta, kernel_size), x, y, theta)
+    actual = _loss_and_grads(lambda a, b: patch_swd_reference(a, b, theta, kernel_size), x, y, theta)
     for a, e in zip(actual, expected):
         _assert_close_to_reference(a, e, 1e-12)
 
@@ -106,6 +108,60 @@ def test_triton_without_y_gradient_matches_reference(seed):
     with torch.no_grad():
         _assert_close_to_reference(kernels.patch_swd(x_kernel, y, theta.float(), 3, backend="triton"),
                                    expected, FP32_RTOL)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("shape, kernel_size, num_directions, image_grads", [
+    ((2, 3, 5, 7), 1, 3, (True, True)),    # everything needs a gradient
+    ((2, 2, 3, 5), 3, 2, (True, False)),   # the LGT case plus theta: y is data
+    ((1, 3, 5, 3), 3, 3, (False, False)),  # theta alone: y's projections still depend on it
+])
+def test_theta_gradient_matches_float64_reference(seed, backend, shape, kernel_size, num_directions,
+                                                  image_grads):
+    x = torch.randn(shape, dtype=torch.float64, device=DEVICE)
+    y = torch.randn(shape, dtype=torch.float64, device=DEVICE)
+    theta = _random_directions(num_directions, shape[1] * kernel_size**2)
+
+    def loss_and_grads(loss_fn, dtype):
+        images = [_leaf(t, dtype).requires_grad_(grad) for t, grad in zip((x, y), image_grads)]
+        theta_leaf = _leaf(theta, dtype)
+        loss = loss_fn(*images, theta_leaf)
+        inputs = [t for t in (*images, theta_leaf) if t.requires_grad]
+        return (loss, *torch.autograd.grad(loss, inputs))
+
+    expected = loss_and_grads(lambda a, b, t: patch_swd_reference(a, b, t, kernel_size), torch.float64)
+    actual = loss_and_grads(lambda a, b, t: kernels.patch_swd(a, b, t, kernel_size, backend=backend),
+                            torch.float32)
+    assert len(actual) == 2 + sum(image_grads)
+    assert all(a.dtype == torch.float32 for a in actual)
+    for a, e in zip(actual, expected):
+        _assert_close_to_reference(a, e, FP32_RTOL)
+
+
+def test_triton_theta_gradient_in_half_precision_theta(seed):
+    """theta in float16 with float32 images: the gradient comes back in theta's dtype."""
+    x = torch.randn(1, 2, 3, 5, device=DEVICE)
+    y = torch.randn(1, 2, 3, 5, device=DEVICE)
+    theta = _random_directions(2, 18).half().requires_grad_(True)
+    (grad,) = torch.autograd.grad(kernels.patch_swd(x, y, theta, 3, backend="triton"), theta)
+    theta_ref = theta.detach().double().requires_grad_(True)
+    (expected,) = torch.autograd.grad(patch_swd_reference(x.double(), y.double(), theta_ref, 3), theta_ref)
+    assert grad.dtype == torch.float16
+    _assert_close_to_reference(grad, expected, 1e-3)
+
+
+def test_triton_keeps_only_what_the_backward_needs(seed):
+    """Without a theta gradient the autograd node holds theta and dL/dproj for the inputs needing a
+    gradient (no images, no y buffer when y is data); with one it also holds both images and y's."""
+    x = torch.randn(1, 2, 3, 5, device=DEVICE, requires_grad=True)
+    y = torch.randn(1, 2, 3, 5, device=DEVICE)
+    theta = _random_directions(2, 18).float()
+
+    def saved(theta):
+        return [t is not None for t in kernels.patch_swd(x, y, theta, 3, backend="triton").grad_fn.saved_tensors]
+
+    assert saved(theta) == [True, True, False, False, False]
+    assert saved(theta.clone().requires_grad_(True)) == [True] * 5
 
 
 def _pixel_directions(num_channels):

@@ -3,10 +3,10 @@
 import numpy as np
 import pytest
 from PIL import Image
+from test_train import tiny_config
 
 from engine.cli import sample_main
 from engine.train import train
-from test_train import tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -41,3 +41,11 @@ def test_unknown_label_and_missing_run_are_clear_errors(ddpm_run, tmp_path, caps
     with pytest.raises(SystemExit):
         sample_main(["--checkpoint", str(tmp_path / "nowhere")])
     assert "no checkpoint found" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("bad", [["--n", "0"], ["--steps", "0"], ["--eta", "-1"], ["--nrow", "-1"]])
+def test_impossible_sampler_arguments_are_refused(ddpm_run, tmp_path, bad, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        sample_main(["--checkpoint", str(ddpm_run), "--out", str(tmp_path / "x.png"), *bad])
+    assert exit_info.value.code == 2 and "must be >=" in capsys.readouterr().err
+    assert not (tmp_path / "x.png").exists()

@@ -122,3 +122,50 @@ def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(tmp_path):
     stopped_at = latest_checkpoint(run / "checkpoints").step
     assert 2 <= stopped_at < 400
     assert "rerun the same command to resume" in out
+
+
+def test_resume_follows_a_changed_learning_rate(tmp_path):
+    run = tmp_path / "run"
+    train(tiny_config(run, "--train.steps=6", "--sample.every=0", "--train.lr=1e-3"),
+          should_stop=lambda step: step == 3)
+    train(tiny_config(run, "--train.steps=6", "--sample.every=0", "--train.lr=1e-5"))
+    cfg = tiny_config(run, "--train.steps=6", "--train.lr=1e-5")
+    rows = {r["step"]: r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}
+    for step in (4, 5, 6):  # the LR logged after step n is the schedule's value for step n
+        assert rows[step]["lr"] == pytest.approx(1e-5 * train_module.lr_lambda(cfg)(step))
+
+
+def test_a_torn_metrics_line_does_not_block_resume(tmp_path):
+    run = tmp_path / "run"
+    train(tiny_config(run, "--train.steps=4", "--sample.every=0"), should_stop=lambda step: step == 2)
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"step": 3, "lo')  # a hard kill mid-write
+    with pytest.warns(UserWarning, match="unreadable line"):
+        train(tiny_config(run, "--train.steps=4", "--sample.every=0"))
+    assert sorted(losses(run)) == [1, 2, 3, 4]
+
+
+def test_initial_weights_do_not_depend_on_data_preparation(tmp_path, monkeypatch):
+    train(tiny_config(tmp_path / "plain", "--train.steps=1", "--sample.every=0"))
+    method_cls = train_module.method_class("ddpm")
+    real = method_cls.training_data.__func__
+
+    def preparing(cls, cfg, world, device):
+        torch.rand(1000)  # e.g. training the built-in autoencoder draws random numbers
+        return real(cls, cfg, world, device)
+
+    monkeypatch.setattr(method_cls, "training_data", classmethod(preparing))
+    train(tiny_config(tmp_path / "prepared", "--train.steps=1", "--sample.every=0"))
+    assert losses(tmp_path / "plain") == losses(tmp_path / "prepared")
+
+
+def test_a_failing_sample_grid_costs_neither_the_run_nor_its_checkpoint(tmp_path, monkeypatch, capsys):
+    method_cls = train_module.method_class("ddpm")
+
+    def broken_grid(self, batch, generator):
+        raise ValueError("make_grid: expected images [N, 1 or 3, H, W]")
+
+    monkeypatch.setattr(method_cls, "sample_grid", broken_grid)
+    result = train(tiny_config(tmp_path / "run", "--train.steps=2", "--sample.every=2"))
+    assert result.step == 2 and latest_checkpoint(tmp_path / "run" / "checkpoints").step == 2
+    assert "no sample grid at step 2" in capsys.readouterr().err

@@ -299,13 +299,13 @@ def train_builtin_autoencoder(cfg: Config) -> Path:
     run_dir = Path(ae.run.dir)
     done, _ = find_checkpoints(run_dir / "checkpoints")
     if done is None or done.step < ae.train.steps:
-        from engine.train import train
+        from engine.train import RunInterrupted, train
 
         tqdm.write(f"builtin:textures latents: training the built-in autoencoder ({ae.train.steps} steps on "
                    f"{ae.data.image_size}px crops) in {run_dir}; later runs reuse it")
         if train(ae, distributed=False).stopped_early:
-            raise RuntimeError(f"the built-in autoencoder's training was stopped before its {ae.train.steps} "
-                               f"steps; run the same command again to resume it (from {run_dir})")
+            raise RunInterrupted(f"the built-in autoencoder's training was stopped before its {ae.train.steps} "
+                                 f"steps; run the same command again to resume it (from {run_dir})")
     return run_dir
 
 
