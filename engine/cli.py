@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from engine.config import ConfigError, describe_options, load_config
+from engine.config import ConfigError, describe_options, load_config, with_absolute_paths
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -42,7 +42,7 @@ def train_main(argv: list[str] | None = None) -> None:
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     args, overrides = parser.parse_known_args(argv)
     try:
-        cfg = load_config(args.config, overrides)
+        cfg = with_absolute_paths(load_config(args.config, overrides))
     except ConfigError as err:
         _fail(str(err))
     if args.print_config:

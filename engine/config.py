@@ -397,6 +397,19 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     return cfg
 
 
+def with_absolute_paths(cfg: Config) -> Config:
+    """The config with its data, cache and autoencoder paths made absolute, so the run's saved
+    config.toml means the same files whatever directory a later command runs from."""
+    resolved = dataclasses.replace(cfg)
+    resolved.run = dataclasses.replace(cfg.run, cache_dir=str(Path(cfg.run.cache_dir).resolve()))
+    kind, sep, path = cfg.data.source.partition(":")
+    if kind in ("folder", "latents") and path:
+        resolved.data = dataclasses.replace(cfg.data, source=f"{kind}{sep}{Path(path).resolve()}")
+    if cfg.lgt.autoencoder:
+        resolved.lgt = dataclasses.replace(cfg.lgt, autoencoder=str(Path(cfg.lgt.autoencoder).resolve()))
+    return resolved
+
+
 def describe_options() -> str:
     """Every config key with its default and documentation, for `--help`."""
     lines = []

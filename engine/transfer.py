@@ -178,7 +178,7 @@ def run(args: argparse.Namespace) -> None:
         from engine.methods.lgt import build_lgt_data
 
         print(f"evaluating step {checkpoint.step} of {args.checkpoint} on {cfg.data.source}")
-        print_evaluation(method.evaluate(build_lgt_data(cfg, 0, device)))
+        print_evaluation(method.evaluate(build_lgt_data(cfg, 0, device, may_prepare=False)))
         return
     styles = parse_styles(args.style, method.class_names)
     if args.content:

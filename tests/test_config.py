@@ -109,3 +109,15 @@ def test_cli_reports_config_errors_without_traceback(tmp_path):
                           capture_output=True, text=True, check=False)
     assert proc.returncode == 2
     assert "train.steps" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_run_paths_are_made_absolute(tmp_path, monkeypatch):
+    from engine.config import with_absolute_paths
+
+    monkeypatch.chdir(tmp_path)
+    cfg = with_absolute_paths(load_config(None, ["--data.source=latents:data/l.safetensors",
+                                                 "--run.cache_dir=cache", "--lgt.autoencoder=ae/run"]))
+    assert cfg.data.source == f"latents:{tmp_path / 'data' / 'l.safetensors'}"
+    assert cfg.run.cache_dir == str(tmp_path / "cache")
+    assert cfg.lgt.autoencoder == str(tmp_path / "ae" / "run")
+    assert with_absolute_paths(load_config(None)).data.source == "builtin:textures"

@@ -177,3 +177,13 @@ def test_builtin_latents_are_prepared_once_then_reused(tmp_path, monkeypatch):
     # A named autoencoder (lgt.autoencoder) is used as is, never trained.
     named = tiny_builtin_config(tmp_path, f"--lgt.autoencoder={run_dir}", "--autoencoder.prepare_crops=2")
     assert read_latents(latents_module.prepare_builtin_latents(named)).latents.shape[0] == 2
+
+
+def test_evaluation_never_prepares_builtin_latents_anew(tmp_path):
+    from engine.config import load_config
+    from engine.data.latents import prepare_builtin_latents
+
+    cfg = load_config(None, ["--method.name=lgt", f"--run.cache_dir={tmp_path / 'empty-cache'}"])
+    with pytest.raises(FileNotFoundError, match="rerun engine-train"):
+        prepare_builtin_latents(cfg, may_prepare=False)
+    assert not (tmp_path / "empty-cache").exists()

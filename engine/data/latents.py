@@ -322,8 +322,11 @@ def _builtin_crop_batches(cfg: Config) -> Iterator[tuple[torch.Tensor, torch.Ten
         yield batch.x, batch.labels, names
 
 
-def prepare_builtin_latents(cfg: Config) -> Path:
+def prepare_builtin_latents(cfg: Config, may_prepare: bool = True) -> Path:
     """Path of the latents of builtin:textures for this `Config`, made on first use.
+
+    `may_prepare=False` (evaluating a finished run) refuses to train or encode anything: a new
+    autoencoder would not be the one the run was trained with.
 
     The autoencoder is `lgt.autoencoder` when set, else the built-in one (trained and cached, see
     above). The file's name hashes the crop settings, the seed and the autoencoder's weights, so a
@@ -333,6 +336,13 @@ def prepare_builtin_latents(cfg: Config) -> Path:
     from engine.models.autoencoder import load_autoencoder
 
     settings = cfg.autoencoder
+    if not may_prepare and not cfg.lgt.autoencoder:
+        from engine.checkpoint import find_checkpoints
+
+        done, _ = find_checkpoints(Path(builtin_autoencoder_config(cfg).run.dir) / "checkpoints")
+        if done is None:
+            raise FileNotFoundError(f"the built-in autoencoder this run used is not in {cfg.run.cache_dir}; "
+                                    f"rerun engine-train with the run's config to prepare it again")
     autoencoder_path = Path(cfg.lgt.autoencoder) if cfg.lgt.autoencoder else train_builtin_autoencoder(cfg)
     autoencoder, identity = load_autoencoder(autoencoder_path, resolve_device(cfg.train.device))
     size = settings.prepare_image_size
@@ -343,6 +353,9 @@ def prepare_builtin_latents(cfg: Config) -> Path:
     out = Path(cfg.run.cache_dir) / f"latents-textures-{key}.safetensors"
     if out.is_file():
         return out
+    if not may_prepare:
+        raise FileNotFoundError(f"the built-in latents this run trained on are gone ({out}); rerun "
+                                f"engine-train with the run's config to prepare them again")
     tqdm.write(f"builtin:textures latents: encoding {settings.prepare_crops} crops of {size}px with "
                f"{identity.path} into {out}; later runs reuse it")
     encode_dataset(autoencoder, identity, _builtin_crop_batches(cfg), settings.prepare_crops,

@@ -346,7 +346,7 @@ class LGT(Method):
         return results
 
 
-def build_lgt_data(cfg, rank: int = 0, device: str | torch.device = "cpu"):
+def build_lgt_data(cfg, rank: int = 0, device: str | torch.device = "cpu", may_prepare: bool = True):
     """The LatentSource an LGT run trains on: data.source = 'latents:PATH', or 'builtin:textures'
     encoded once into cached latents (`prepare_builtin_latents`). With lgt.holdout_per_style > 0 the
     first that many latents of every style are held out of it, as `.heldout` (a Batch) for `evaluate`."""
@@ -354,7 +354,7 @@ def build_lgt_data(cfg, rank: int = 0, device: str | torch.device = "cpu"):
 
     kind, _, path = cfg.data.source.partition(":")
     if cfg.data.source == "builtin:textures":
-        path = prepare_builtin_latents(cfg)
+        path = prepare_builtin_latents(cfg, may_prepare)
     elif kind != "latents" or not path:
         raise ValueError(f"LGT trains on latents: data.source = {cfg.data.source!r} must be 'latents:PATH' "
                          f"(from engine-encode) or 'builtin:textures' (encoded into cached latents)")
