@@ -12,7 +12,10 @@ backend="triton" one program per sample and block of directions projects the pat
                  one partial sum per row. When a gradient is needed the same program also gets the
                  row's permutation and writes dL/dproj [B, P, N], so the backward does no sorting:
                  it maps dL/dproj back to pixels (the transposed implicit im2col). Keeping dL/dproj
-                 costs what keeping the sorted y rows for the backward would.
+                 costs what keeping the sorted y rows for the backward would. When theta needs a
+                 gradient the forward writes dL/dproj for both x and y (y's projections depend on
+                 theta even when y is data), and dL/dtheta is the correlation of each image with its
+                 dL/dproj: sum over b and n of dL/dproj[b, p, n] times the patch of the image at n.
 """
 
 from __future__ import annotations
@@ -36,6 +39,10 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def _check_inputs(x, y, theta, kernel_size):
+    # ValueError like every other bad argument (the kernels contract), not TypeError.
+    for name, t in (("x", x), ("y", y), ("theta", theta)):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"patch_swd: {name} must be a tensor, got {type(t).__name__}")  # noqa: TRY004
     if x.dim() != 4 or x.numel() == 0:
         raise ValueError(f"patch_swd: x must be a non-empty [B, C, H, W] tensor, got shape {tuple(x.shape)}")
     if y.shape != x.shape:
@@ -52,6 +59,9 @@ def _check_inputs(x, y, theta, kernel_size):
     if theta.dim() != 2 or theta.shape[0] == 0 or theta.shape[1] != patch_size:
         raise ValueError(f"patch_swd: theta must be [P, C*k*k] = [P, {patch_size}] for C={x.shape[1]}, "
                          f"k={kernel_size}, got shape {tuple(theta.shape)}")
+    if not x.device == y.device == theta.device:
+        raise ValueError(f"patch_swd: x, y and theta must be on one device, got {x.device}, {y.device}, "
+                         f"{theta.device}")
 
 
 def _sorted_patch_projections(image, filters):
@@ -64,12 +74,16 @@ def patch_swd_reference(x, y, theta, kernel_size=3):
     """Pure-PyTorch patch SWD (see the module docstring); also the CPU training path.
 
     Computes in float32 (float64 inputs stay float64, for test references) with autocast off, and
-    returns a scalar in x's dtype. theta is data: no gradient flows to it.
+    returns a scalar in x's dtype. Differentiable in x, y and theta (plain autograd).
     """
     _check_inputs(x, y, theta, kernel_size)
+    return _patch_swd_torch(x, y, theta, kernel_size)
+
+
+def _patch_swd_torch(x, y, theta, kernel_size):
     compute_dtype = torch.promote_types(x.dtype, torch.float32)
-    filters = theta.detach().to(compute_dtype).reshape(theta.shape[0], x.shape[1], kernel_size, kernel_size)
     with torch.autocast(device_type=x.device.type, enabled=False):
+        filters = theta.to(compute_dtype).reshape(theta.shape[0], x.shape[1], kernel_size, kernel_size)
         loss = F.mse_loss(_sorted_patch_projections(x, filters), _sorted_patch_projections(y, filters))
     return loss.to(x.dtype)
 
@@ -208,7 +222,7 @@ def _sort_num_warps(tile):
 
 
 def _patch_swd_forward_triton(x, y, theta, kernel_size, need_grad_x, need_grad_y):
-    """Loss (fp32 scalar) and, for the inputs that need one, dL/dproj [B, P, N] (fp32)."""
+    """Loss (fp32 scalar) and, for x and y as asked, dL/dproj [B, P, N] (fp32; None where not)."""
     B, C, H, W = x.shape
     P = theta.shape[0]
     N = H * W
@@ -243,29 +257,56 @@ def _patch_swd_backward_triton(grad_proj, theta, grad_loss, image_shape, image_d
     return grad_image
 
 
+def _patch_swd_theta_grad(images, grad_projs, grad_loss, kernel_size):
+    """grad_loss * dL/dtheta [P, C*k*k] (fp32): sum over the images and b, n of dL/dproj[b, p, n] times
+    the patch of image[b] at n (the correlation torch.nn.grad.conv2d_weight computes).
+
+    Written as unfold + batched matmul rather than conv2d_weight: cuDNN runs fp32 convolutions in
+    TF32 by default (torch.backends.cudnn.allow_tf32), fp32 matmuls stay fp32 unless the user opts
+    in. The [B, C*k*k, N] patch copy lives only for this call; the product is small
+    (B*P*N*C*k*k multiply-adds).
+    """
+    grad_theta = None
+    with torch.autocast(device_type=images[0].device.type, enabled=False):
+        for image, grad_proj in zip(images, grad_projs):
+            patches = F.unfold(image.float(), kernel_size, padding=kernel_size // 2)  # [B, C*k*k, N]
+            term = torch.bmm(grad_proj, patches.transpose(1, 2)).sum(0)  # [P, C*k*k]
+            grad_theta = term if grad_theta is None else grad_theta + term
+        return grad_theta * grad_loss.float()
+
+
 class _PatchSWDTriton(torch.autograd.Function):
-    """Loss from the fused forward, which also leaves dL/dproj for the inputs needing a gradient."""
+    """Loss from the fused forward, which also leaves dL/dproj for the images whose projections need
+    a gradient: x (y) when x (y) needs one, both when theta does."""
 
     @staticmethod
-    def forward(ctx, x, y, theta, kernel_size, need_grad_x, need_grad_y):
-        loss, grad_proj_x, grad_proj_y = _patch_swd_forward_triton(x, y, theta, kernel_size, need_grad_x,
-                                                                   need_grad_y)
-        ctx.save_for_backward(theta, grad_proj_x, grad_proj_y)
+    def forward(ctx, x, y, theta, kernel_size, need_grad_x, need_grad_y, need_grad_theta):
+        loss, grad_proj_x, grad_proj_y = _patch_swd_forward_triton(
+            x, y, theta, kernel_size, need_grad_x or need_grad_theta, need_grad_y or need_grad_theta)
+        # The images are kept only for dL/dtheta; without it nothing but dL/dproj is saved.
+        images = (x, y) if need_grad_theta else (None, None)
+        ctx.save_for_backward(theta, grad_proj_x, grad_proj_y, *images)
         ctx.kernel_size = kernel_size
         ctx.image_shape = x.shape
         ctx.dtypes = (x.dtype, y.dtype)
+        ctx.needs_grad = (need_grad_x, need_grad_y, need_grad_theta)
         return loss.to(x.dtype)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_loss):
-        theta, *grad_projs = ctx.saved_tensors
+        theta, grad_proj_x, grad_proj_y, x, y = ctx.saved_tensors
+        need_grad_x, need_grad_y, need_grad_theta = ctx.needs_grad
+        grad_projs = (grad_proj_x if need_grad_x else None, grad_proj_y if need_grad_y else None)
         grads = [
             None if grad_proj is None else _patch_swd_backward_triton(
                 grad_proj, theta, grad_loss, ctx.image_shape, dtype, ctx.kernel_size)
             for grad_proj, dtype in zip(grad_projs, ctx.dtypes)
         ]
-        return *grads, None, None, None, None
+        grad_theta = None
+        if need_grad_theta:
+            grad_theta = _patch_swd_theta_grad((x, y), (grad_proj_x, grad_proj_y), grad_loss, ctx.kernel_size)
+        return *grads, grad_theta, None, None, None, None
 
 
 @functools.cache
@@ -279,18 +320,19 @@ def patch_swd(x, y, theta, kernel_size=3, backend="auto"):
 
     theta [P, C*k*k]: unit directions in F.unfold's order (c*k*k + i*k + j). For each b and p the
     H*W projections of x[b] and y[b] are sorted; returns the mean over b, p, n of the squared
-    difference, a scalar in x's dtype, computed in float32. Differentiable in x and y; theta is data
-    (directions are redrawn every step), so no gradient flows to it. Rows longer than
-    MAX_TRITON_ROW_LENGTH use the torch backend (warned once).
+    difference, a scalar in x's dtype, computed in float32. Differentiable in x, y and theta (each
+    when it requires grad; LGT redraws theta every step and passes it as data, which costs nothing
+    extra). Rows longer than MAX_TRITON_ROW_LENGTH use the torch backend (warned once).
     """
     _check_inputs(x, y, theta, kernel_size)
     if resolve_backend(backend, x, y, theta) == "torch":
-        return patch_swd_reference(x, y, theta, kernel_size)
+        return _patch_swd_torch(x, y, theta, kernel_size)
     if x.shape[2] * x.shape[3] > MAX_TRITON_ROW_LENGTH:
         _warn_row_too_long_once()
-        return patch_swd_reference(x, y, theta, kernel_size)
+        return _patch_swd_torch(x, y, theta, kernel_size)
     # Decided here, not from ctx.needs_input_grad, which ignores torch.no_grad().
     grad_enabled = torch.is_grad_enabled()
-    theta = theta.detach().float().contiguous()
-    return _PatchSWDTriton.apply(x.contiguous(), y.contiguous(), theta, kernel_size,
-                                 grad_enabled and x.requires_grad, grad_enabled and y.requires_grad)
+    # .float() is differentiable: autograd casts dL/dtheta back to theta's dtype.
+    return _PatchSWDTriton.apply(x.contiguous(), y.contiguous(), theta.float().contiguous(), kernel_size,
+                                 grad_enabled and x.requires_grad, grad_enabled and y.requires_grad,
+                                 grad_enabled and theta.requires_grad)

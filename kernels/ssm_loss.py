@@ -29,6 +29,10 @@ _INDEX_DTYPES = (torch.int64, torch.int32)
 
 
 def _check_inputs(x, y, index, eps):
+    # ValueError like every other bad argument (the kernels contract), not TypeError.
+    for name, t in (("x", x), ("y", y)):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"ssm_loss: {name} must be a tensor, got {type(t).__name__}")  # noqa: TRY004
     if x.dim() not in (3, 4) or x.numel() == 0:
         raise ValueError(f"ssm_loss: x must be a non-empty [B, D, N] or [B, C, H, W] tensor, got shape "
                          f"{tuple(x.shape)}")
@@ -37,15 +41,38 @@ def _check_inputs(x, y, index, eps):
     for name, t in (("x", x), ("y", y)):
         if t.dtype not in _FLOAT_DTYPES:
             raise ValueError(f"ssm_loss: {name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+    if x.device != y.device:
+        raise ValueError(f"ssm_loss: x and y must be on one device, got {x.device} and {y.device}")
     if index is not None:
+        num_positions = x[0, 0].numel()  # N (H*W for [B, C, H, W] inputs)
+        valid = f"positions in [0, N) = [0, {num_positions})"
         if not isinstance(index, torch.Tensor) or index.dim() != 1 or index.numel() == 0:
-            raise ValueError("ssm_loss: index must be a non-empty 1-D tensor of positions in [0, N) "
-                             "(or None for all positions)")
+            shape = tuple(index.shape) if isinstance(index, torch.Tensor) else type(index).__name__
+            raise ValueError(f"ssm_loss: index must be a non-empty 1-D tensor of {valid} (or None for all "
+                             f"positions), got {shape}")
         if index.dtype not in _INDEX_DTYPES:
-            raise ValueError(f"ssm_loss: index must be int64 or int32 (e.g. torch.randperm(N)[:S]), "
+            raise ValueError(f"ssm_loss: index must be int64 or int32 {valid} (e.g. torch.randperm(N)[:S]), "
                              f"got {index.dtype}")
+        if index.device != x.device:
+            raise ValueError(f"ssm_loss: index must be on x's device {x.device}, got {index.device}")
+        _check_index_range(index, num_positions, valid)
     if not eps > 0:
         raise ValueError(f"ssm_loss: eps must be > 0, got {eps!r}")
+
+
+def _check_index_range(index, num_positions, valid):
+    """ValueError for positions outside [0, N): index_select would raise an IndexError on CPU and a
+    device-side assert on CUDA (which poisons the CUDA context).
+
+    Reading min/max back costs one host sync per call on CUDA; accepted for a clear error (ssm_loss
+    checks once per call, never twice). Skipped where a sync is impossible or would break the graph:
+    while a CUDA graph is being captured and while torch.compile traces.
+    """
+    if torch.compiler.is_compiling() or (index.is_cuda and torch.cuda.is_current_stream_capturing()):
+        return
+    low, high = torch.stack(torch.aminmax(index)).tolist()  # one device-to-host copy for both
+    if low < 0 or high >= num_positions:
+        raise ValueError(f"ssm_loss: index must hold {valid}, got values from {low} to {high}")
 
 
 def _unit_features(x, index, eps, dtype):
@@ -63,6 +90,10 @@ def ssm_loss_reference(x, y, index=None, eps=1e-8):
     returns a scalar in x's dtype.
     """
     _check_inputs(x, y, index, eps)
+    return _ssm_loss_torch(x, y, index, eps)
+
+
+def _ssm_loss_torch(x, y, index, eps):
     compute_dtype = torch.promote_types(x.dtype, torch.float32)
     with torch.autocast(device_type=x.device.type, enabled=False):
         f_x = _unit_features(x, index, eps, compute_dtype)
@@ -195,14 +226,14 @@ class _GramDistanceTriton(torch.autograd.Function):
 def ssm_loss(x, y, index=None, eps=1e-8, backend="auto"):
     """Self-similarity loss between x and y: mean((G_x - G_y)^2), a scalar in x's dtype.
 
-    x, y: [B, D, N] features or [B, C, H, W] (read as D = C, N = H*W). index: LongTensor [S] of
-    positions (repeats allowed), or None for all N. f = x[:, :, index] / max(||.||_2 over D, eps),
+    x, y: [B, D, N] features or [B, C, H, W] (read as D = C, N = H*W). index: int64/int32 [S] of
+    positions in [0, N) (repeats allowed; others raise ValueError), or None for all N. f = x[:, :, index] / max(||.||_2 over D, eps),
     G = f^T f [B, S, S]. Computed in float32, differentiable in x and y; the Triton backend never
     materialises G.
     """
     _check_inputs(x, y, index, eps)
     if resolve_backend(backend, x, y, index) == "torch":
-        return ssm_loss_reference(x, y, index, eps)
+        return _ssm_loss_torch(x, y, index, eps)
     with torch.autocast(device_type=x.device.type, enabled=False):
         f_x = _unit_features(x, index, eps, torch.float32).transpose(1, 2).contiguous()  # [B, S, D]
         f_y = _unit_features(y, index, eps, torch.float32).transpose(1, 2).contiguous()

@@ -116,8 +116,12 @@ def test_triton_without_y_gradient_matches_reference(seed):
     ((2, 2, 3, 5), 3, 2, (True, False)),   # the LGT case plus theta: y is data
     ((1, 3, 5, 3), 3, 3, (False, False)),  # theta alone: y's projections still depend on it
 ])
-def test_theta_gradient_matches_float64_reference(seed, backend, shape, kernel_size, num_directions,
-                                                  image_grads):
+def test_theta_gradient_matches_float64_reference(seed, monkeypatch, backend, shape, kernel_size,
+                                                  num_directions, image_grads):
+    if DEVICE == "cuda":
+        # The torch backend's conv2d (forward and backward) follows cuDNN's TF32 default on CUDA,
+        # whose rounding reorders near-tied projections; the Triton path does not use cuDNN.
+        monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     x = torch.randn(shape, dtype=torch.float64, device=DEVICE)
     y = torch.randn(shape, dtype=torch.float64, device=DEVICE)
     theta = _random_directions(num_directions, shape[1] * kernel_size**2)

@@ -138,12 +138,22 @@ def test_triton_half_precision_error_within_twice_eager(seed, dtype):
 
 def _bad_inputs():
     x = torch.zeros(2, 3, 10)
+    image = torch.zeros(2, 3, 2, 5)  # N = H*W = 10
+    valid_range = r"positions in \[0, N\) = \[0, 10\)"
     return {
         "x and y shapes differ": (x, torch.zeros(2, 3, 11), None, 1e-8, "y must have x's shape"),
         "x is 2-D": (torch.zeros(3, 10), torch.zeros(3, 10), None, 1e-8, "must be a non-empty"),
         "x is an integer tensor": (x.long(), x.long(), None, 1e-8, "float16, bfloat16"),
-        "index is 2-D": (x, x, torch.zeros(2, 2, dtype=torch.long), 1e-8, "1-D tensor of positions"),
-        "index is float": (x, x, torch.zeros(4), 1e-8, "int64 or int32"),
+        "index is 2-D": (x, x, torch.zeros(2, 2, dtype=torch.long), 1e-8, "1-D tensor of " + valid_range),
+        "index is empty": (x, x, torch.zeros(0, dtype=torch.long), 1e-8, "non-empty 1-D tensor"),
+        "index is a list": (x, x, [0, 1], 1e-8, "1-D tensor of " + valid_range),
+        "index is float": (x, x, torch.zeros(4), 1e-8, "int64 or int32 " + valid_range),
+        "index is bool": (x, x, torch.ones(10, dtype=torch.bool), 1e-8, "int64 or int32"),
+        "index is negative": (x, x, torch.tensor([3, -1, 0]), 1e-8, valid_range + ", got values from -1 to 3"),
+        "index reaches N": (x, x, torch.tensor([0, 10, 9]), 1e-8, valid_range + ", got values from 0 to 10"),
+        "int32 index reaches H*W": (image, image, torch.tensor([10], dtype=torch.int32), 1e-8, valid_range),
+        "index on another device": (x, x, torch.zeros(3, dtype=torch.long, device="meta"), 1e-8,
+                                    "index must be on x's device"),
         "eps is not positive": (x, x, None, 0.0, "eps must be > 0"),
     }
 
@@ -154,3 +164,18 @@ def test_bad_inputs_raise_value_error(case, backend):
     x, y, index, eps, message = _bad_inputs()[case]
     with pytest.raises(ValueError, match=message):
         kernels.ssm_loss(x, y, index, eps, backend=backend)
+
+
+def test_reference_raises_value_error_for_out_of_range_index():
+    x = torch.zeros(1, 2, 7)
+    with pytest.raises(ValueError, match=r"\[0, 7\), got values from 0 to 7"):
+        ssm_loss_reference(x, x, torch.tensor([0, 7]))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_index_at_both_ends_of_the_range_is_accepted(seed, backend):
+    x = torch.randn(1, 3, 2, 5, device=DEVICE)
+    y = torch.randn(1, 3, 2, 5, device=DEVICE)
+    index = torch.tensor([9, 0, 9, 4], dtype=torch.int32, device=DEVICE)
+    expected = ssm_loss_reference(x.double(), y.double(), index.long())
+    _assert_close_to_reference(kernels.ssm_loss(x, y, index, backend=backend), expected, FP32_RTOL)
