@@ -10,15 +10,6 @@ from torch import nn
 from engine.methods.ode import SOLVERS, integrate, integrate_with_aux
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny shapes on a shared 2-core machine: thread hand-offs cost more than the maths.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.mark.parametrize("time_dependent", [False, True], ids=["dx=ax", "dx=(a+2bt)x"])
 @pytest.mark.parametrize("solver", list(SOLVERS))
 def test_solver_converges_at_its_order_on_a_linear_ode(seed, solver, time_dependent):

@@ -20,14 +20,6 @@ STYLES = ("dots", "stripes", "warm")
 IMAGE_SIDE, PADDING = 16, 2  # the tiny autoencoder halves the side: latents 4 x 8 x 8
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny shapes on a shared 2-core machine: thread hand-offs cost more than the maths.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def style_picture(style: str, rng: np.random.Generator) -> np.ndarray:
     y, x = np.mgrid[:IMAGE_SIDE, :IMAGE_SIDE]

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import kernels
+from engine.models.layers import GroupNorm, Upsample
 
 INITIAL_LOGVAR = -6.0  # initial posterior log-variance of both autoencoders (see AutoencoderKL)
 
@@ -64,31 +65,18 @@ class DiagonalGaussian:
         return per_dim.flatten(1).sum(dim=1)
 
 
-def group_count(channels: int, wanted: int = 32) -> int:
-    """The largest group count <= `wanted` that divides `channels` (narrow test models)."""
-    return math.gcd(channels, wanted)
-
-
-def _norm_silu(norm: nn.GroupNorm, h: torch.Tensor, act: bool = True) -> torch.Tensor:
-    # The fused kernel on the GPU. On CPU the reference: under TRITON_INTERPRET=1 (the tests) the
-    # "auto" backend would interpret the Triton kernel, far too slow for a whole network.
-    backend = "auto" if h.is_cuda else "torch"
-    return kernels.group_norm_film_silu(h, norm.num_groups, norm.weight, norm.bias, eps=norm.eps,
-                                        act=act, backend=backend)
-
-
 class ResBlock(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, num_groups: int):
         super().__init__()
-        self.norm1 = nn.GroupNorm(group_count(in_channels, num_groups), in_channels, eps=1e-6)
+        self.norm1 = GroupNorm(in_channels, num_groups, act=True, eps=1e-6)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
-        self.norm2 = nn.GroupNorm(group_count(out_channels, num_groups), out_channels, eps=1e-6)
+        self.norm2 = GroupNorm(out_channels, num_groups, act=True, eps=1e-6)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
         self.skip = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(_norm_silu(self.norm1, x))
-        h = self.conv2(_norm_silu(self.norm2, h))
+        h = self.conv1(self.norm1(x))
+        h = self.conv2(self.norm2(h))
         return self.skip(x) + h
 
 
@@ -97,13 +85,13 @@ class AttentionBlock(nn.Module):
 
     def __init__(self, channels: int, num_groups: int):
         super().__init__()
-        self.norm = nn.GroupNorm(group_count(channels, num_groups), channels, eps=1e-6)
+        self.norm = GroupNorm(channels, num_groups, act=False, eps=1e-6)
         self.qkv = nn.Conv2d(channels, 3 * channels, 1)
         self.proj_out = nn.Conv2d(channels, channels, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, C, H, W = x.shape
-        qkv = self.qkv(_norm_silu(self.norm, x, act=False))
+        qkv = self.qkv(self.norm(x))
         # [B, 3C, H, W] -> three [B, 1, H*W, C]
         q, k, v = qkv.flatten(2).transpose(1, 2).unsqueeze(1).chunk(3, dim=-1)
         out = kernels.attention(q.contiguous(), k.contiguous(), v.contiguous())
@@ -118,15 +106,6 @@ class Downsample(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(F.pad(x, (0, 1, 0, 1)))  # SD's asymmetric pad: exact halving of even sides
-
-
-class Upsample(nn.Module):
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
 def _mid_block(channels: int, num_groups: int) -> nn.Sequential:
@@ -149,12 +128,12 @@ class Encoder(nn.Module):
                 blocks.append(Downsample(width))
         self.down = nn.Sequential(*blocks)
         self.mid = _mid_block(width, num_groups)
-        self.norm_out = nn.GroupNorm(group_count(width, num_groups), width, eps=1e-6)
+        self.norm_out = GroupNorm(width, num_groups, act=True, eps=1e-6)
         self.conv_out = nn.Conv2d(width, 2 * latent_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.mid(self.down(self.conv_in(x)))
-        return self.conv_out(_norm_silu(self.norm_out, h))
+        return self.conv_out(self.norm_out(h))
 
 
 class Decoder(nn.Module):
@@ -172,12 +151,12 @@ class Decoder(nn.Module):
             if level != 0:
                 blocks.append(Upsample(width))
         self.up = nn.Sequential(*blocks)
-        self.norm_out = nn.GroupNorm(group_count(width, num_groups), width, eps=1e-6)
+        self.norm_out = GroupNorm(width, num_groups, act=True, eps=1e-6)
         self.conv_out = nn.Conv2d(width, out_channels, 3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         h = self.up(self.mid(self.conv_in(z)))
-        return self.conv_out(_norm_silu(self.norm_out, h))
+        return self.conv_out(self.norm_out(h))
 
 
 class AutoencoderKL(nn.Module):

@@ -19,7 +19,6 @@ identity map on its residual stream and return exactly zero.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
@@ -30,31 +29,13 @@ from torch.utils.checkpoint import checkpoint as checkpoint_block
 import kernels
 from engine.config import ModelConfig
 from engine.models.embeddings import ClassEmbedding, TimestepEmbedding
+from engine.models.layers import GroupNorm, Upsample
 
 
 def zero_init(module: nn.Module) -> nn.Module:
     for p in module.parameters():
         nn.init.zeros_(p)
     return module
-
-
-class GroupNorm(nn.GroupNorm):
-    """nn.GroupNorm's parameters (and state_dict names), computed by the fused kernel:
-    y = [silu]((groupnorm(x) * weight + bias) * (1 + scale) + shift), scale/shift [B, C] optional.
-
-    The group count is clamped to gcd(num_groups, channels) so any width works."""
-
-    def __init__(self, num_channels: int, num_groups: int, act: bool):
-        super().__init__(math.gcd(num_groups, num_channels), num_channels)
-        self.act = act
-
-    def forward(self, x: torch.Tensor, scale: torch.Tensor | None = None,
-                shift: torch.Tensor | None = None) -> torch.Tensor:
-        # The fused kernel on the GPU, the torch reference on CPU: under TRITON_INTERPRET=1 (the
-        # tests) "auto" would interpret the Triton kernel, far too slow for a whole network.
-        backend = "auto" if x.is_cuda else "torch"
-        return kernels.group_norm_film_silu(x, self.num_groups, self.weight, self.bias, scale, shift,
-                                            eps=self.eps, act=self.act, backend=backend)
 
 
 class ResBlock(nn.Module):
@@ -105,15 +86,6 @@ class Downsample(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(x)
-
-
-class Upsample(nn.Module):
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
 class EmbedSequential(nn.ModuleList):
