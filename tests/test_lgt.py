@@ -3,6 +3,7 @@ guidance, the energies, and a short run of configs/lgt_4070.toml on synthetic la
 
 import copy
 import json
+import warnings
 from pathlib import Path
 
 import pytest
@@ -344,3 +345,15 @@ def test_resumed_lgt_run_replays_identical_losses(tmp_path, seed):
     keys = ("step", "loss", "style", "content")
     assert [{k: r[k] for k in keys} for r in logged(tmp_path / "straight")] == \
            [{k: r[k] for k in keys} for r in logged(tmp_path / "resumed")]
+
+
+def test_duplicate_latents_within_a_style_are_warned_about(tmp_path, seed):
+    path = write_synthetic_latents(tmp_path / "latents.safetensors", [4, 4], seed)
+    data = LatentSource.load(path, seed)
+    cfg = load_config(None, ["--method.name=lgt", f"--data.source=latents:{path}", *TINY_MODEL])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        LGT.from_config(cfg, data)  # distinct latents: no warning
+    data.latents[data.style_index.rows[1]] = data.latents[data.style_index.rows[0]]  # a copied image
+    with pytest.warns(UserWarning, match=r"exact copies.*'style0' \(1 of 4\)"):
+        LGT.from_config(cfg, data)

@@ -384,6 +384,22 @@ def _check_styles(data) -> None:
     if short:
         raise ValueError(f"LGT needs at least 2 training latents per style (a row's style reference is never "
                          f"its own latent); too few for: {', '.join(short)}")
+    duplicated = [f"{data.class_names[y]!r} ({count - distinct} of {count})"
+                  for y, (count, distinct) in enumerate(zip(counts, _distinct_per_style(data))) if distinct < count]
+    if duplicated:
+        warnings.warn(f"some latents are exact copies of others of their style, so a row's style reference can "
+                      f"equal its own source (the identity-mapping trap); de-duplicate the images: "
+                      f"{', '.join(duplicated)}", stacklevel=3)
+
+
+def _distinct_per_style(data) -> list[int]:
+    """How many distinct latents each style has (once, at start)."""
+    index = data.style_index
+    distinct = []
+    for offset, count in zip(index.offsets.tolist(), index.counts.tolist()):
+        rows = data.latents[index.rows[offset:offset + count]].flatten(1)
+        distinct.append(int(torch.unique(rows, dim=0).shape[0]) if count else 0)
+    return distinct
 
 
 def autoencoder_path_from_config(cfg) -> str | None:
