@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from engine.config import ConfigError, describe_options, load_config, with_absolute_paths
+from engine.data.base import class_ids
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -70,16 +71,10 @@ def _parse_labels(text: str | None, class_names: list[str], n: int) -> list[int]
         return None
     if text is None:
         return [i % len(class_names) for i in range(n)]
-    labels = []
-    for token in text.split(","):
-        token = token.strip()
-        if token.isdigit() and int(token) < len(class_names):
-            labels.append(int(token))
-        elif token in class_names:
-            labels.append(class_names.index(token))
-        else:
-            _fail(f"--labels: {token!r} is neither a class id below {len(class_names)} nor one of "
-                  f"{', '.join(class_names)}")
+    try:
+        labels = class_ids(text, class_names, "--labels")
+    except ValueError as err:
+        _fail(str(err))
     return [labels[i % len(labels)] for i in range(n)]
 
 
@@ -102,6 +97,7 @@ def sample_main(argv: list[str] | None = None) -> None:
 
     from engine.checkpoint import CheckpointError, open_checkpoint
     from engine.data.base import DataInfo
+    from engine.distributed import resolve_device
     from engine.methods import method_class
     from engine.pictures import save_grid
 
@@ -117,9 +113,10 @@ def sample_main(argv: list[str] | None = None) -> None:
         _fail(f"method {cfg.method.name!r} has no sampler for engine-sample "
               f"(LGT runs use engine-transfer; autoencoders engine-encode)")
     method.load_state_dict(checkpoint.model_state(ema=not args.raw_weights))
-    if args.device == "cuda" and not torch.cuda.is_available():
-        _fail("--device cuda: no CUDA device is available; use --device cpu or auto")
-    device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
+    try:
+        device = resolve_device(args.device)
+    except ValueError as err:
+        _fail(str(err))
     method = method.to(device).eval()
     labels = _parse_labels(args.labels, data.class_names, args.n)
     generator = torch.Generator(device).manual_seed(args.seed)

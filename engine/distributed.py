@@ -39,12 +39,16 @@ def init_world(device_kind: str) -> World:
     return World(rank=dist.get_rank(), local_rank=local_rank, size=size)
 
 
-def resolve_device(requested: str, world: World) -> torch.device:
-    if requested == "cuda" and not torch.cuda.is_available():
-        raise ValueError("train.device = 'cuda' but no CUDA device is available; use --train.device=cpu or auto")
+def resolve_device(requested: str, local_rank: int = 0, option: str = "--device") -> torch.device:
+    """'auto' -> this process's GPU when there is one, else the CPU; 'cpu'; 'cuda' or 'cuda:N'.
+    ValueError naming `option` for anything else, or for CUDA on a machine without a GPU."""
+    if requested not in ("auto", "cpu", "cuda") and not requested.startswith("cuda:"):
+        raise ValueError(f"{option} = {requested!r}: expected auto, cpu, cuda or cuda:N")
+    if requested.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"{option} = {requested!r}: no CUDA device is available; use cpu or auto")
     if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
-    return torch.device("cuda", world.local_rank)
+    return torch.device(requested) if ":" in requested else torch.device("cuda", local_rank)
 
 
 def shutdown_world(world: World) -> None:

@@ -27,17 +27,10 @@ from torch import nn
 from tqdm import tqdm
 
 from engine.data.latents import LatentFile, write_latents
+from engine.distributed import resolve_device
 from engine.models.autoencoder import AutoencoderIdentity, load_autoencoder
 
 DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
-
-
-def resolve_device(requested: str) -> torch.device:
-    if requested == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if requested.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {requested}: no CUDA device is available; use --device cpu or auto")
-    return torch.device(requested)
 
 
 # --------------------------------------------------------------------------- encoding

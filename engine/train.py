@@ -26,7 +26,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from engine import checkpoint as ckpt
-from engine.config import Config
+from engine.config import Config, load_config
 from engine.data.base import Batch, batch_seed
 from engine.distributed import World, init_world, resolve_device, shutdown_world
 from engine.ema import EMA
@@ -117,7 +117,7 @@ def train(cfg: Config, should_stop: Callable[[int], bool] | None = None, *,
 
 
 def _train(cfg: Config, world: World, should_stop: Callable[[int], bool]) -> TrainResult:
-    device = resolve_device(cfg.train.device, world)
+    device = resolve_device(cfg.train.device, world.local_rank, option="train.device")
     run_dir = Path(cfg.run.dir)
     checkpoint_dir = run_dir / "checkpoints"
     resume_from = ckpt.latest_checkpoint(checkpoint_dir)  # before any work: a damaged run dir fails fast
@@ -289,8 +289,6 @@ def _write_run_config(run_dir: Path, cfg: Config) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / "config.toml"
     if path.exists():
-        from engine.config import load_config
-
         previous = load_config(path).to_dict()
         changed = [f"{section}.{key}: {previous[section][key]!r} -> {value!r}"
                    for section, values in cfg.to_dict().items()

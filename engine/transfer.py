@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from engine.data.base import class_ids
+
 DEFAULT_LATENT_ROWS = 8  # rows drawn from a latents file when --rows is not given
 ENCODE_BATCH = 16  # content images encoded at once
 
@@ -62,17 +64,7 @@ def parse_styles(text: str, class_names: list[str]) -> list[int]:
     """'all' | '0,2' | 'brick,grass' -> style ids."""
     if text.strip() == "all":
         return list(range(len(class_names)))
-    styles = []
-    for token in (t.strip() for t in text.split(",")):
-        if token.isdigit() and int(token) < len(class_names):
-            styles.append(int(token))
-        elif token in class_names:
-            styles.append(class_names.index(token))
-        else:
-            valid = ", ".join(f"{i} {name}" for i, name in enumerate(class_names))
-            raise TransferError(f"--style: {token!r} is neither a style id below {len(class_names)} nor a "
-                                f"style name; valid styles: {valid} (or 'all')")
-    return styles
+    return class_ids(text, class_names, "--style (or 'all')")
 
 
 def load_lgt(checkpoint_path: str, device: torch.device, raw_weights: bool, autoencoder: str | None):
@@ -170,7 +162,7 @@ def print_evaluation(results: dict[str, float]) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    from engine.encode import resolve_device
+    from engine.distributed import resolve_device
 
     device = resolve_device(args.device)
     method, cfg, checkpoint = load_lgt(args.checkpoint, device, args.raw_weights, args.autoencoder)

@@ -45,6 +45,22 @@ def batch_seed(seed: int, rank: int, number: int, stream: int = 0) -> int:
     return (z ^ (z >> 31)) & (2**63 - 1)
 
 
+def class_ids(text: str, class_names: list[str], option: str) -> list[int]:
+    """'0,2' or 'brick,grass' (ids and names may mix) -> class ids; ValueError naming `option` and
+    listing the valid classes."""
+    ids = []
+    for token in (t.strip() for t in text.split(",")):
+        if token.isdigit() and int(token) < len(class_names):
+            ids.append(int(token))
+        elif token in class_names:
+            ids.append(class_names.index(token))
+        else:
+            valid = ", ".join(f"{i} {name}" for i, name in enumerate(class_names))
+            raise ValueError(f"{option}: {token!r} is neither an id below {len(class_names)} nor a name; "
+                             f"valid: {valid}")
+    return ids
+
+
 @dataclass
 class DataInfo:
     """What a method needs to know about its data when no data is loaded (e.g. sampling from a

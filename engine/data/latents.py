@@ -332,7 +332,8 @@ def prepare_builtin_latents(cfg: Config, may_prepare: bool = True) -> Path:
     above). The file's name hashes the crop settings, the seed and the autoencoder's weights, so a
     change to any of them makes a new file and an unchanged config reuses the old one."""
     from engine.data.builtin import BUILTIN_PICTURES
-    from engine.encode import encode_dataset, resolve_device
+    from engine.distributed import resolve_device
+    from engine.encode import encode_dataset
     from engine.models.autoencoder import load_autoencoder
 
     settings = cfg.autoencoder
@@ -344,7 +345,7 @@ def prepare_builtin_latents(cfg: Config, may_prepare: bool = True) -> Path:
             raise FileNotFoundError(f"the built-in autoencoder this run used is not in {cfg.run.cache_dir}; "
                                     f"rerun engine-train with the run's config to prepare it again")
     autoencoder_path = Path(cfg.lgt.autoencoder) if cfg.lgt.autoencoder else train_builtin_autoencoder(cfg)
-    autoencoder, identity = load_autoencoder(autoencoder_path, resolve_device(cfg.train.device))
+    autoencoder, identity = load_autoencoder(autoencoder_path, resolve_device(cfg.train.device, option="train.device"))
     size = settings.prepare_image_size
     autoencoder.latent_shape((autoencoder.in_channels, size, size))  # fail before encoding anything
     key = _short_hash({"source": "builtin:textures", "pictures": list(BUILTIN_PICTURES),
