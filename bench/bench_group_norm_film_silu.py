@@ -10,10 +10,9 @@ CPU:  TRITON_INTERPRET=1 pytest bench/bench_group_norm_film_silu.py --benchmark-
 import pytest
 import torch
 import torch.nn.functional as F
-from common import gb_per_s, median_ms, on_gpu, peak_memory_mb, record, synchronized
+from common import gb_per_s, median_ms, on_gpu, peak_memory_mb, record, skip_unless_triton_runs, synchronized
 
 import kernels
-from kernels._dispatch import triton_interpreting
 
 NUM_GROUPS = 32
 GPU_SHAPES = [(48, 128, 32, 32), (48, 256, 16, 16), (48, 512, 8, 8), (128, 128, 64, 64), (8, 64, 32, 32)]
@@ -50,8 +49,8 @@ def make_inputs(shape, dtype, requires_grad):
 def select_implementation(name):
     if name == "compile" and not on_gpu():
         pytest.skip("torch.compile is only benchmarked on a GPU")
-    if name == "triton" and not (on_gpu() or triton_interpreting()):
-        pytest.skip("the Triton kernel needs a GPU or TRITON_INTERPRET=1")
+    if name == "triton":
+        skip_unless_triton_runs()
     return {"eager": lambda: eager_chain, "compile": compiled_chain, "triton": lambda: fused_chain}[name]()
 
 

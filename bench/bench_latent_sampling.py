@@ -15,8 +15,7 @@ import torch
 from common import median_ms, on_gpu, record
 from torch.utils.data import DataLoader, TensorDataset
 
-from engine.data.latents import LatentSource
-from engine.models.autoencoder import AutoencoderIdentity
+from engine.data.latents import AutoencoderIdentity, LatentSource
 
 NUM_LATENTS = 50_000 if on_gpu() else 2_000
 LATENT_SHAPE = (4, 32, 32)

@@ -10,10 +10,9 @@ CPU:  TRITON_INTERPRET=1 pytest bench/bench_patch_swd.py --benchmark-disable
 import pytest
 import torch
 import torch.nn.functional as F
-from common import median_ms, on_gpu, peak_memory_mb, record, synchronized
+from common import median_ms, on_gpu, peak_memory_mb, record, skip_unless_triton_runs, synchronized
 
 import kernels
-from kernels._dispatch import triton_interpreting
 from kernels.patch_swd import patch_swd_reference
 
 KERNEL_SIZE = 3
@@ -45,8 +44,8 @@ IMPLEMENTATIONS = {
 
 
 def select_implementation(name):
-    if name == "triton" and not (on_gpu() or triton_interpreting()):
-        pytest.skip("the Triton kernel needs a GPU or TRITON_INTERPRET=1")
+    if name == "triton":
+        skip_unless_triton_runs()
     return IMPLEMENTATIONS[name]
 
 

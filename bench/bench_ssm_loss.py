@@ -10,10 +10,9 @@ CPU:  TRITON_INTERPRET=1 pytest bench/bench_ssm_loss.py --benchmark-disable
 
 import pytest
 import torch
-from common import median_ms, on_gpu, peak_memory_mb, record, synchronized
+from common import median_ms, on_gpu, peak_memory_mb, record, skip_unless_triton_runs, synchronized
 
 import kernels
-from kernels._dispatch import triton_interpreting
 from kernels.ssm_loss import ssm_loss_reference
 
 # (B, D, N, S): LGT's 32 x 32 latents at batch 48, 4 channels or 36 (4 channels x 3 x 3 patches);
@@ -32,8 +31,8 @@ IMPLEMENTATIONS = {"eager_reference": ssm_loss_reference, "triton": triton_ssm_l
 
 
 def select_implementation(name):
-    if name == "triton" and not (on_gpu() or triton_interpreting()):
-        pytest.skip("the Triton kernel needs a GPU or TRITON_INTERPRET=1")
+    if name == "triton":
+        skip_unless_triton_runs()
     return IMPLEMENTATIONS[name]
 
 

@@ -6,16 +6,28 @@ On CPU the benchmarks are smoke tests only: a perf_counter median, and no memory
 
 from __future__ import annotations
 
+import importlib.metadata
 import platform
 import statistics
 import time
 from collections.abc import Callable
 
+import pytest
 import torch
+
+from kernels._dispatch import triton_unusable_reason
 
 
 def on_gpu() -> bool:
     return torch.cuda.is_available()
+
+
+def skip_unless_triton_runs() -> None:
+    """Skip the calling benchmark where the Triton backend cannot run on this machine's device (no
+    GPU and no TRITON_INTERPRET=1, or triton not installed); the reason comes from the dispatch."""
+    reason = triton_unusable_reason(torch.device("cuda" if on_gpu() else "cpu"))
+    if reason is not None:
+        pytest.skip(f"the Triton kernel cannot run here: {reason}")
 
 
 def device_name() -> str:
@@ -72,14 +84,20 @@ def peak_memory_mb(fn: Callable[[], object]) -> float | None:
 
 def record(benchmark, **extra) -> None:
     """Put device, versions and the given measurements on a pytest-benchmark fixture's extra_info."""
-    import triton
-
     benchmark.extra_info.update(
         device=device_name(),
         torch=torch.__version__,
-        triton=triton.__version__,
+        triton=_installed_version("triton"),
         **extra,
     )
+
+
+def _installed_version(distribution: str) -> str | None:
+    """The installed version of a distribution, read from its metadata (nothing is imported)."""
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 def gb_per_s(num_bytes: int, ms: float) -> float:

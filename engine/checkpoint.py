@@ -216,9 +216,3 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
             return checkpoint
     raise CheckpointError(f"no checkpoint found at {path}: pass a run directory (with checkpoints/) "
                           f"or a checkpoints/step-N directory")
-
-
-def load_method_weights(path: str | Path, ema: bool = True) -> tuple[Config, dict[str, torch.Tensor]]:
-    """(config, method state_dict) of the newest intact checkpoint of a run, or of one checkpoint."""
-    checkpoint = open_checkpoint(path)
-    return checkpoint.config(), checkpoint.model_state(ema=ema)

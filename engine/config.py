@@ -1,32 +1,36 @@
 """Typed configuration: TOML file + command-line overrides, validated before any work starts.
 
-Precedence: command line (`--section.key=value`) > TOML file > the defaults written here. Every
-field carries a one-line doc (shown by `engine-train --help`) and, where the values are a closed
-set, its choices. Unknown sections or keys, wrong types and impossible values raise `ConfigError`
-naming the key, the file and the valid choices.
+A run's config holds the shared sections defined here ([run], [train], [checkpoint], [data],
+[log], [sample], [eval], [method]) plus the sections its method declares (`Method.config_sections`:
+[ddpm], [lgt], [ode], ... live with the method that reads them). Which method, and so which
+sections, comes from `method.name`.
+
+Precedence: command line (`--section.key=value`) > TOML file > the defaults written in the
+sections. Every field carries a one-line doc (shown by `engine-train --help`) and, where the
+values are a closed set, its choices. Unknown sections or keys, a section of another method, a key
+that moved, wrong types, non-finite numbers and impossible values raise `ConfigError` naming the
+key, the file and what would be valid.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import math
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import tomli_w
 import tomllib
 
+from engine.methods import METHODS, method_class
+from engine.options import ConfigError, option
 
-class ConfigError(ValueError):
-    """A configuration problem, reported before any work is done."""
+__all__ = ["Config", "ConfigError", "describe_options", "load_config", "with_absolute_paths"]
 
-
-def option(default: Any, doc: str, choices: tuple | None = None) -> Any:
-    """A config field with its documentation (and closed set of values, if any)."""
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata={"doc": doc, "choices": choices})
-    return field(default=default, metadata={"doc": doc, "choices": choices})
+DEFAULT_METHOD = "ddpm"
 
 
 # --------------------------------------------------------------------------- shared sections
@@ -63,9 +67,10 @@ class TrainConfig:
     def validate(self, check):
         check(self.steps > 0, "steps", "must be > 0")
         check(self.batch_size > 0, "batch_size", "must be > 0")
-        check(self.lr > 0, "lr", "must be > 0")
+        check(0 < self.lr <= 1, "lr", "must be in (0, 1] (AdamW's useful range is ~1e-5 to 1e-2)")
         check(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", "must be in [0, 1]")
         check(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
+        check(0 <= self.weight_decay <= 1, "weight_decay", "must be in [0, 1]")
         check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "betas", "must be two values in [0, 1)")
         check(self.grad_accum >= 1, "grad_accum", "must be >= 1")
         check(self.grad_clip >= 0, "grad_clip", "must be >= 0")
@@ -88,11 +93,14 @@ class DataConfig:
     image_size: int = option(32, "side of the square crops fed to the model (image sources)")
     flip: bool = option(True, "random horizontal flips (image sources)")
     num_workers: int = option(2, "DataLoader worker processes for image folders")
+    autoencoder: str = option("", "autoencoder that encodes/decodes latents: a run directory, a checkpoint or a "
+                              "local diffusers folder ('' = the one the latents file records; for methods that "
+                              "train on latents of builtin:textures, the built-in one)")
 
     def validate(self, check):
         kinds = ("builtin:textures", "folder:", "latents:")
-        check(self.source == kinds[0] or self.source.startswith(kinds[1:]), "source",
-              "must be 'builtin:textures', 'folder:PATH' or 'latents:PATH'")
+        check(self.source == kinds[0] or (self.source.startswith(kinds[1:]) and self.source.partition(":")[2]),
+              "source", "must be 'builtin:textures', 'folder:PATH' or 'latents:PATH'")
         check(self.image_size >= 8, "image_size", "must be >= 8")
         check(self.num_workers >= 0, "num_workers", "must be >= 0")
 
@@ -109,208 +117,121 @@ class LogConfig:
 @dataclass
 class SampleConfig:
     every: int = option(500, "save a fixed-seed sample grid every this many steps (0 = off)")
-    num: int = option(16, "images in the sample grid")
-    sampler: str = option("ddim", "sampler for the grid (diffusion methods)", ("ddpm", "ddim"))
-    steps: int = option(50, "sampler steps for the grid (DDIM); DDPM always uses every timestep")
-    eta: float = option(0.0, "DDIM eta: 0 = deterministic, 1 = DDPM's variance")
-    cfg_scale: float = option(1.0, "classifier-free guidance scale for the grid (1 = conditional only)")
+    num: int = option(16, "images (or content rows) in the sample grid")
 
     def validate(self, check):
         check(self.every >= 0, "every", "must be >= 0 (0 turns periodic grids off)")
         check(self.num > 0, "num", "must be > 0")
-        check(self.steps > 0, "steps", "must be > 0")
-        check(self.eta >= 0, "eta", "must be >= 0")
 
 
 @dataclass
-class ModelConfig:
-    channels: int = option(64, "base width of the U-Net")
-    channel_mult: list[int] = option([1, 2, 2], "width multiplier per resolution level")
-    num_res_blocks: int = option(2, "ResBlocks per level")
-    attention_resolutions: list[int] = option([8], "feature-map sides (e.g. 16, 8) that get self-attention")
-    num_heads: int = option(4, "attention heads")
-    num_groups: int = option(32, "GroupNorm groups (clamped to divide the channel count)")
-    dropout: float = option(0.0, "dropout inside ResBlocks")
-    checkpoint: bool = option(False, "gradient checkpointing per U-Net block (less memory, more compute)")
+class EvalConfig:
+    at_end: bool = option(True, "evaluate once when training finishes (printed, logged as eval/* in metrics.jsonl)")
+    per_class: int = option(4, "held-out items per class the evaluation uses (LGT: contents transported into "
+                            "each style); its cost grows linearly with this")
 
     def validate(self, check):
-        check(self.channels > 0, "channels", "must be > 0")
-        check(len(self.channel_mult) > 0 and all(m > 0 for m in self.channel_mult), "channel_mult",
-              "must be a non-empty list of positive ints")
-        check(self.num_res_blocks >= 1, "num_res_blocks", "must be >= 1")
-        check(self.num_heads >= 1, "num_heads", "must be >= 1")
-        check(self.num_groups >= 1, "num_groups", "must be >= 1")
-        check(0 <= self.dropout < 1, "dropout", "must be in [0, 1)")
+        check(self.per_class >= 1, "per_class", "must be >= 1 (eval.at_end = false turns evaluation off)")
 
 
 @dataclass
 class MethodConfig:
-    name: str = option("ddpm", "what is trained", ("ddpm", "autoencoder", "lgt"))
-
-    def validate(self, check):
-        pass
+    name: str = option(DEFAULT_METHOD, "what is trained; it decides which method sections the config has",
+                       tuple(METHODS))
 
 
-# --------------------------------------------------------------------------- method sections
+SHARED_SECTIONS: dict[str, type] = {
+    "run": RunConfig,
+    "method": MethodConfig,
+    "train": TrainConfig,
+    "data": DataConfig,
+    "checkpoint": CheckpointConfig,
+    "log": LogConfig,
+    "sample": SampleConfig,
+    "eval": EvalConfig,
+}
+
+# Keys that moved to another section: a config still using the old place gets an error naming the
+# new one instead of "unknown key".
+MOVED_KEYS = {
+    "autoencoder.prepare_crops": "prepare.crops",
+    "autoencoder.prepare_image_size": "prepare.image_size",
+    "autoencoder.prepare_steps": "prepare.autoencoder_steps",
+    "autoencoder.prepare_train_size": "prepare.autoencoder_image_size",
+    "autoencoder.prepare_batch_size": "prepare.autoencoder_batch_size",
+    "lgt.autoencoder": "data.autoencoder",
+    "sample.sampler": "ddpm.sampler",
+    "sample.steps": "ddpm.sample_steps",
+    "sample.eta": "ddpm.eta",
+    "sample.cfg_scale": "ddpm.cfg_scale",
+}
 
 
-@dataclass
-class DDPMConfig:
-    timesteps: int = option(1000, "diffusion steps T")
-    schedule: str = option("cosine", "beta schedule", ("linear", "cosine"))
-    beta_start: float = option(1e-4, "first beta of the linear schedule")
-    beta_end: float = option(0.02, "last beta of the linear schedule")
-    prediction: str = option("eps", "what the network predicts", ("eps", "v", "x0"))
-    loss: str = option("mse", "regression loss on the prediction", ("mse", "l1"))
-    label_drop_prob: float = option(0.1, "probability a label is replaced by the null class (CFG training)")
-    clip_denoised: bool = option(True, "clamp the predicted x0 to [-1, 1] while sampling")
-
-    def validate(self, check):
-        check(self.timesteps >= 2, "timesteps", "must be >= 2")
-        check(0 < self.beta_start < self.beta_end < 1, "beta_start", "need 0 < beta_start < beta_end < 1")
-        check(0 <= self.label_drop_prob <= 1, "label_drop_prob", "must be in [0, 1]")
+def config_sections(method: str) -> dict[str, type]:
+    """The sections of a config for `method`: the shared ones, then the method's own."""
+    if method not in METHODS:
+        raise ConfigError(f"method.name = {method!r} is not one of {', '.join(map(repr, METHODS))}")
+    return {**SHARED_SECTIONS, **method_class(method).config_sections}
 
 
-@dataclass
-class AutoencoderConfig:
-    kind: str = option("kl", "KL autoencoder (f=8) or the linear 784->128->784 one", ("kl", "linear"))
-    latent_channels: int = option(4, "latent channels of the KL autoencoder")
-    channels: int = option(64, "base width of the KL autoencoder")
-    channel_mult: list[int] = option([1, 2, 4, 4], "width multiplier per level; len - 1 = log2 of the downsampling")
-    num_res_blocks: int = option(1, "ResBlocks per level")
-    latent_dim: int = option(128, "latent size of the linear autoencoder")
-    kl_weight: float = option(1e-6, "weight of the KL term")
-    loss: str = option("l1", "reconstruction loss", ("l1", "mse"))
-    num_groups: int = option(32, "GroupNorm groups of the KL autoencoder (clamped to divide the channel count)")
-    prepare_crops: int = option(2048, "built-in latents: crops drawn from builtin:textures and encoded")
-    prepare_image_size: int = option(256, "built-in latents: side of the encoded crops (latent side = this / 8)")
-    prepare_steps: int = option(500, "built-in latents: training steps of the built-in autoencoder "
-                                "(when lgt.autoencoder is '')")
-    prepare_train_size: int = option(64, "built-in latents: crop side the built-in autoencoder trains on "
-                                     "(it is convolutional: it then encodes prepare_image_size crops)")
-    prepare_batch_size: int = option(8, "built-in latents: batch size of the built-in autoencoder's training")
-
-    def validate(self, check):
-        check(self.latent_channels >= 1, "latent_channels", "must be >= 1")
-        check(self.channels >= 1, "channels", "must be >= 1")
-        check(len(self.channel_mult) >= 1 and all(m >= 1 for m in self.channel_mult), "channel_mult",
-              "must be a non-empty list of positive ints")
-        check(self.num_res_blocks >= 1, "num_res_blocks", "must be >= 1")
-        check(self.latent_dim >= 1, "latent_dim", "must be >= 1")
-        check(self.kl_weight >= 0, "kl_weight", "must be >= 0")
-        check(self.num_groups >= 1, "num_groups", "must be >= 1")
-        check(self.prepare_crops >= 1, "prepare_crops", "must be >= 1")
-        factor = 2 ** (len(self.channel_mult) - 1)
-        for key in ("prepare_image_size", "prepare_train_size"):
-            check(getattr(self, key) >= factor and getattr(self, key) % factor == 0, key,
-                  f"must be a positive multiple of the downsampling factor {factor} (2^(len(channel_mult)-1))")
-        check(self.prepare_steps >= 1, "prepare_steps", "must be >= 1")
-        check(self.prepare_batch_size >= 1, "prepare_batch_size", "must be >= 1")
-
-
-@dataclass
-class LGTConfig:
-    label_drop_prob: float = option(0.15, "probability the style condition is dropped to null (target = own style)")
-    w_style: float = option(1.0, "weight of the patch sliced-Wasserstein style energy")
-    w_content: float = option(1.0, "weight of the self-similarity (SSM) content energy")
-    w_vel: float = option(0.0, "weight of the mean squared velocity regulariser (0 = off)")
-    w_div: float = option(0.0, "weight of the squared Hutchinson divergence regulariser (0 = off)")
-    cfg_scale: float = option(2.0, "classifier-free guidance scale at inference")
-    autoencoder: str = option("", "autoencoder checkpoint used to encode/decode ('' = the built-in one)")
-    div_probe: str = option("rademacher", "Hutchinson probe of the divergence regulariser",
-                            ("rademacher", "gaussian"))
-    holdout_per_style: int = option(8, "latents per style held out of training for the end-of-training "
-                                    "evaluation (0 = evaluate on training latents)")
-
-    def validate(self, check):
-        check(0 <= self.label_drop_prob <= 1, "label_drop_prob", "must be in [0, 1]")
-        for key in ("w_style", "w_content", "w_vel", "w_div"):
-            check(getattr(self, key) >= 0, key, "must be >= 0")
-        check(self.w_style + self.w_content + self.w_vel + self.w_div > 0, "w_style",
-              "and every other weight are 0: nothing to train")
-        check(self.holdout_per_style >= 0, "holdout_per_style", "must be >= 0")
-
-
-@dataclass
-class ODEConfig:
-    solver: str = option("euler", "fixed-step solver of the transport ODE", ("euler", "heun", "rk4"))
-    steps: int = option(4, "solver steps over t in [0, 1]")
-    checkpoint: bool = option(True, "checkpoint every solver step: memory flat in the number of steps")
-
-    def validate(self, check):
-        check(self.steps >= 1, "steps", "must be >= 1")
-
-
-@dataclass
-class SWDConfig:
-    num_projections: int = option(64, "random unit directions P, redrawn every step")
-    kernel_size: int = option(3, "patch side k (odd)")
-    per_sample: bool = option(True, "stratified per-sample SWD (kernels.patch_swd); false = global pool")
-    max_samples: int = option(8192, "patches drawn from the pooled batch by the global variant")
-
-    def validate(self, check):
-        check(self.num_projections >= 1, "num_projections", "must be >= 1")
-        check(self.kernel_size >= 1 and self.kernel_size % 2 == 1, "kernel_size", "must be odd and >= 1")
-        check(self.max_samples >= 1, "max_samples", "must be >= 1")
-
-
-@dataclass
-class SSMConfig:
-    max_spatial_samples: int = option(256, "positions drawn per step for the Gram loss (0 = all)")
-
-    def validate(self, check):
-        check(self.max_spatial_samples >= 0, "max_spatial_samples", "must be >= 0")
+def _section_owners() -> dict[str, list[str]]:
+    """section -> the methods whose configs have it (shared sections: every method)."""
+    owners: dict[str, list[str]] = {}
+    for method in METHODS:
+        for name in method_class(method).config_sections:
+            owners.setdefault(name, []).append(method)
+    return owners
 
 
 # --------------------------------------------------------------------------- the whole config
 
-SECTIONS: dict[str, type] = {
-    "run": RunConfig,
-    "train": TrainConfig,
-    "checkpoint": CheckpointConfig,
-    "data": DataConfig,
-    "log": LogConfig,
-    "sample": SampleConfig,
-    "model": ModelConfig,
-    "method": MethodConfig,
-    "ddpm": DDPMConfig,
-    "autoencoder": AutoencoderConfig,
-    "lgt": LGTConfig,
-    "ode": ODEConfig,
-    "swd": SWDConfig,
-    "ssm": SSMConfig,
-}
 
-
-@dataclass
 class Config:
-    run: RunConfig = field(default_factory=RunConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    log: LogConfig = field(default_factory=LogConfig)
-    sample: SampleConfig = field(default_factory=SampleConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    method: MethodConfig = field(default_factory=MethodConfig)
-    ddpm: DDPMConfig = field(default_factory=DDPMConfig)
-    autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
-    lgt: LGTConfig = field(default_factory=LGTConfig)
-    ode: ODEConfig = field(default_factory=ODEConfig)
-    swd: SWDConfig = field(default_factory=SWDConfig)
-    ssm: SSMConfig = field(default_factory=SSMConfig)
+    """A run's settings: one dataclass instance per section, read as attributes (`cfg.train.steps`).
+
+    The sections are the shared ones plus those of `method` (see the module doc)."""
+
+    run: RunConfig
+    method: MethodConfig
+    train: TrainConfig
+    data: DataConfig
+    checkpoint: CheckpointConfig
+    log: LogConfig
+    sample: SampleConfig
+    eval: EvalConfig
+
+    def __init__(self, method: str = DEFAULT_METHOD):
+        self._sections = config_sections(method)
+        for name, cls in self._sections.items():
+            setattr(self, name, cls())
+        self.method.name = method
+
+    @property
+    def sections(self) -> dict[str, type]:
+        return dict(self._sections)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
-        return {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}
+        return {name: dataclasses.asdict(getattr(self, name)) for name in self._sections}
 
     def to_toml(self) -> str:
         return tomli_w.dumps(self.to_dict())
+
+    def copy(self) -> Config:
+        return copy.deepcopy(self)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Config) and self.to_dict() == other.to_dict()
+
+    def __repr__(self) -> str:
+        return f"Config({self.to_dict()!r})"
 
 
 # --------------------------------------------------------------------------- loading
 
 
 def _coerce(value: Any, annotation: Any, where: str) -> Any:
-    """Check `value` against a field's type; ints are accepted where floats are expected."""
+    """Check `value` against a field's type; ints are accepted where floats are expected; floats
+    must be finite (NaN or inf in a config is always a mistake)."""
     origin = typing.get_origin(annotation)
     if origin is list:
         (item_type,) = typing.get_args(annotation)
@@ -318,13 +239,15 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
             raise ConfigError(f"{where} must be a list of {item_type.__name__}, got {value!r}")
         return [_coerce(v, item_type, f"{where}[{i}]") for i, v in enumerate(value)]
     if annotation is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+        value = float(value)
     if annotation is bool and not isinstance(value, bool):
         raise ConfigError(f"{where} must be true or false, got {value!r}")
     if annotation is int and (isinstance(value, bool) or not isinstance(value, int)):
         raise ConfigError(f"{where} must be an integer, got {value!r}")
     if not isinstance(value, annotation):
         raise ConfigError(f"{where} must be of type {annotation.__name__}, got {value!r}")
+    if annotation is float and not math.isfinite(value):
+        raise ConfigError(f"{where} = {value!r} must be a finite number")
     return value
 
 
@@ -343,9 +266,18 @@ def _parse_override(arg: str) -> tuple[str, str, Any]:
 
 
 def _apply(cfg: Config, section: str, key: str, value: Any, source: str, from_cli: bool) -> None:
-    if section not in SECTIONS:
-        raise ConfigError(f"{source}: unknown section [{section}]; valid sections: {', '.join(SECTIONS)}")
-    cls = SECTIONS[section]
+    sections = cfg.sections
+    moved_to = MOVED_KEYS.get(f"{section}.{key}")
+    if moved_to is not None:
+        raise ConfigError(f"{source}: {section}.{key} moved to {moved_to}; write it there")
+    if section not in sections:
+        owners = _section_owners().get(section)
+        if owners:
+            raise ConfigError(f"{source}: [{section}] is a section of method {' / '.join(owners)}, but method.name "
+                              f"= {cfg.method.name!r}; its sections are: {', '.join(sections)}")
+        raise ConfigError(f"{source}: unknown section [{section}]; valid sections for method "
+                          f"{cfg.method.name!r}: {', '.join(sections)}")
+    cls = sections[section]
     fields = {f.name: f for f in dataclasses.fields(cls)}
     if key not in fields:
         raise ConfigError(f"{source}: unknown key {section}.{key}; valid keys of [{section}]: "
@@ -362,36 +294,63 @@ def _apply(cfg: Config, section: str, key: str, value: Any, source: str, from_cl
 
 
 def validate(cfg: Config, source: str) -> None:
-    for name in SECTIONS:
-        section = getattr(cfg, name)
+    """Every section's own rules, then the method's rules across sections."""
 
-        def check(ok: bool, key: str, message: str, _name=name, _section=section) -> None:
+    def checker(prefix: str, values: Any):
+        def check(ok: bool, key: str, message: str) -> None:
             if not ok:
-                raise ConfigError(f"{source}: {_name}.{key} = {getattr(_section, key)!r} {message}")
+                name = f"{prefix}.{key}" if prefix else key
+                shown = getattr(values, key) if prefix else _lookup(cfg, key)
+                raise ConfigError(f"{source}: {name} = {shown!r} {message}")
+        return check
 
-        section.validate(check)
+    for name in cfg.sections:
+        section = getattr(cfg, name)
+        if hasattr(section, "validate"):
+            section.validate(checker(name, section))
+    method_class(cfg.method.name).validate_config(cfg, checker("", cfg))
+
+
+def _lookup(cfg: Config, dotted: str) -> Any:
+    section, key = dotted.split(".", 1)
+    return getattr(getattr(cfg, section), key)
+
+
+def _method_of(data: dict[str, Any], overrides: list[tuple[str, str, Any]]) -> str:
+    """method.name as the command line, else the file, else the default says."""
+    for section, key, value in reversed(overrides):
+        if (section, key) == ("method", "name"):
+            return str(value)
+    table = data.get("method")
+    if isinstance(table, dict) and "name" in table:
+        return str(table["name"])
+    return DEFAULT_METHOD
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     """Defaults <- TOML file <- `--section.key=value` overrides, then validated."""
-    cfg = Config()
     source = str(path) if path is not None else "<defaults>"
+    data: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         try:
             data = tomllib.loads(path.read_text())
-        except tomllib.TOMLDecodeError as err:
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
             raise ConfigError(f"{path}: not valid TOML: {err}") from None
-        for section, values in data.items():
-            if not isinstance(values, dict):
-                raise ConfigError(f"{path}: top-level key {section!r} must be a [section] table; valid "
-                                  f"sections: {', '.join(SECTIONS)}")
-            for key, value in values.items():
-                _apply(cfg, section, key, value, str(path), from_cli=False)
-    for arg in overrides:
-        section, key, value = _parse_override(arg)
+    parsed = [_parse_override(arg) for arg in overrides]
+    try:
+        cfg = Config(_method_of(data, parsed))
+    except ConfigError as err:
+        raise ConfigError(f"{source}: {err}") from None
+    for section, values in data.items():
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path}: top-level key {section!r} must be a [section] table; valid "
+                              f"sections: {', '.join(cfg.sections)}")
+        for key, value in values.items():
+            _apply(cfg, section, key, value, str(path), from_cli=False)
+    for section, key, value in parsed:
         _apply(cfg, section, key, value, "command line", from_cli=True)
     validate(cfg, source + (" + command-line overrides" if overrides else ""))
     return cfg
@@ -400,21 +359,26 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
 def with_absolute_paths(cfg: Config) -> Config:
     """The config with its data, cache and autoencoder paths made absolute, so the run's saved
     config.toml means the same files whatever directory a later command runs from."""
-    resolved = dataclasses.replace(cfg)
-    resolved.run = dataclasses.replace(cfg.run, cache_dir=str(Path(cfg.run.cache_dir).resolve()))
+    resolved = cfg.copy()
+    resolved.run.cache_dir = str(Path(cfg.run.cache_dir).resolve())
     kind, sep, path = cfg.data.source.partition(":")
     if kind in ("folder", "latents") and path:
-        resolved.data = dataclasses.replace(cfg.data, source=f"{kind}{sep}{Path(path).resolve()}")
-    if cfg.lgt.autoencoder:
-        resolved.lgt = dataclasses.replace(cfg.lgt, autoencoder=str(Path(cfg.lgt.autoencoder).resolve()))
+        resolved.data.source = f"{kind}{sep}{Path(path).resolve()}"
+    if cfg.data.autoencoder:
+        resolved.data.autoencoder = str(Path(cfg.data.autoencoder).resolve())
     return resolved
 
 
 def describe_options() -> str:
-    """Every config key with its default and documentation, for `--help`."""
+    """Every config key of every method with its default and documentation, for `--help`."""
+    owners = _section_owners()
+    sections = dict(SHARED_SECTIONS)
+    for method in METHODS:
+        sections.update(method_class(method).config_sections)
     lines = []
-    for name, cls in SECTIONS.items():
-        lines.append(f"[{name}]")
+    for name, cls in sections.items():
+        used_by = f"  (method {' / '.join(owners[name])})" if name in owners else ""
+        lines.append(f"[{name}]{used_by}")
         defaults = cls()
         for f in dataclasses.fields(cls):
             choices = f.metadata.get("choices")

@@ -23,6 +23,13 @@ class World:
         if self.size > 1:
             dist.barrier()
 
+    @classmethod
+    def from_environment(cls) -> World:
+        """This process's place as torchrun describes it (RANK, LOCAL_RANK, WORLD_SIZE), without
+        joining the process group: what code that runs before the group exists needs."""
+        return cls(rank=int(os.environ.get("RANK", "0")), local_rank=int(os.environ.get("LOCAL_RANK", "0")),
+                   size=int(os.environ.get("WORLD_SIZE", "1")))
+
 
 def init_world(device_kind: str) -> World:
     """Join the process group torchrun describes in the environment (RANK, WORLD_SIZE, ...)."""

@@ -1,4 +1,4 @@
-"""Exponential moving average of a module's weights, with k-diffusion / seed-004 style warm-up."""
+"""Exponential moving average of a module's weights, with k-diffusion style warm-up."""
 
 from __future__ import annotations
 
@@ -37,7 +37,3 @@ class EMA:
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self.module.state_dict()
-
-    def load_state_dict(self, state: dict[str, torch.Tensor], num_updates: int) -> None:
-        self.module.load_state_dict(state)
-        self.num_updates = num_updates

@@ -1,7 +1,5 @@
-"""engine-encode: an image folder (one sub-folder per style / class) -> one latents file.
-
-    engine-encode --images DIR --autoencoder CKPT_OR_DIR --out latents.safetensors
-                  [--batch-size 32] [--sample] [--dtype fp16|fp32] [--image-size 256] [--device auto]
+"""Encoding images into a latents file: what engine-encode does with an image folder (one
+sub-folder per style / class), and what the preparation stage does with built-in crops.
 
 Each image is resized so its shorter side is --image-size and centre-cropped to a square, then
 encoded in batches (on the GPU when there is one). The posterior mean is stored unless --sample
@@ -15,9 +13,7 @@ behind: the file appears under its name only once it is complete.
 
 from __future__ import annotations
 
-import argparse
 import os
-import sys
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -26,9 +22,11 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from engine.data.latents import LatentFile, write_latents
+from engine.autoencoders import load_autoencoder
+from engine.data.images import scan_image_folder
+from engine.data.latents import AutoencoderIdentity, LatentFile, write_latents
 from engine.distributed import resolve_device
-from engine.models.autoencoder import AutoencoderIdentity, load_autoencoder
+from engine.pictures import load_image
 
 DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
 
@@ -99,8 +97,6 @@ def encode_dataset(autoencoder: nn.Module, identity: AutoencoderIdentity, batche
 def scan_folder(images: Path) -> tuple[list[str], list[tuple[Path, int]]]:
     """(class names, [(image, label)]) of a folder with one sub-folder per style / class: the
     same layout and label order as `data.source = "folder:PATH"`."""
-    from engine.data.images import scan_image_folder
-
     try:
         return scan_image_folder(Path(images))
     except (FileNotFoundError, ValueError) as err:
@@ -111,8 +107,8 @@ def scan_folder(images: Path) -> tuple[list[str], list[tuple[Path, int]]]:
 def _image_batches(samples: list[tuple[Path, int]], image_size: int, channels: int, batch_size: int,
                    workers: int) -> Iterator[ImageBatch]:
     """Batches of decoded images. Decoding runs on `workers` threads (PIL releases the GIL), one
-    batch ahead, so it overlaps the encoding of the previous batch on the GPU."""
-    from engine.pictures import load_image  # raises naming the file when an image cannot be read
+    batch ahead, so it overlaps the encoding of the previous batch on the GPU. load_image raises
+    naming the file when an image cannot be read."""
 
     def read(path: Path) -> torch.Tensor:
         image = load_image(path, image_size)
@@ -144,48 +140,3 @@ def encode_folder(images: str | Path, autoencoder: str | Path, out: str | Path, 
     workers = workers if workers is not None else min(8, os.cpu_count() or 1)
     batches = _image_batches(samples, image_size, channels, batch_size, workers)
     return encode_dataset(model, identity, batches, len(samples), class_names, out, sample, dtype, generator)
-
-
-# --------------------------------------------------------------------------- command line
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="engine-encode", description="Encode an image folder (one sub-folder per style/class) into one "
-        "latents file for data.source = 'latents:PATH'.")
-    parser.add_argument("--images", required=True, help="folder with one sub-folder of images per style/class")
-    parser.add_argument("--autoencoder", required=True,
-                        help="run directory or checkpoints/step-N of an autoencoder training, or a local "
-                             "diffusers AutoencoderKL directory")
-    parser.add_argument("--out", required=True, help="latents file to write (.safetensors)")
-    parser.add_argument("--batch-size", type=int, default=32, help="images encoded at once (default 32)")
-    parser.add_argument("--sample", action="store_true", help="store a posterior draw instead of the mean")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the --sample draws (default 0)")
-    parser.add_argument("--dtype", choices=tuple(DTYPES), default="fp16", help="stored dtype (default fp16)")
-    parser.add_argument("--image-size", type=int, default=256,
-                        help="shorter side resized to this, then centre-cropped square (default 256)")
-    parser.add_argument("--device", default="auto", help="auto (GPU when there is one) | cpu | cuda[:N]")
-    parser.add_argument("--workers", type=int, default=None, help="image-decoding threads (default min(8, CPUs))")
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    """The `engine-encode` console script: 0 on success, 1 (with the reason on stderr) on an error."""
-    args = build_parser().parse_args(argv)
-    from engine.checkpoint import CheckpointError
-
-    try:
-        data = encode_folder(args.images, args.autoencoder, args.out, args.batch_size, args.sample, args.dtype,
-                             args.image_size, args.device, args.seed, args.workers)
-    except (FileNotFoundError, ValueError, ImportError, CheckpointError) as err:
-        print(f"engine-encode: error: {err}", file=sys.stderr)
-        return 1
-    counts = torch.bincount(data.labels, minlength=len(data.class_names)).tolist()
-    print(f"wrote {args.out}: {len(data.labels)} latents {list(data.latents.shape[1:])} {args.dtype}, "
-           f"scaling factor {data.scaling_factor:.6g}, posterior {data.posterior}, classes "
-           + ", ".join(f"{name} ({count})" for name, count in zip(data.class_names, counts)))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

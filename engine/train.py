@@ -1,12 +1,14 @@
-"""The training loop: one function a newcomer can read top to bottom.
+"""The training loop: setup -> steps -> finish, one function each, read top to bottom.
 
 It owns nothing method-specific: a method (DDPM, autoencoder, LGT, ...) turns a batch into a loss
 and a sample grid; the loop does the optimisation, precision, EMA, logging, sample grids,
-checkpoints and resume. To resume, run the same command again.
+checkpoints and resume. To resume, run the same command again. The config it trains must be
+prepared (engine/prepare.py): built-in data a method cannot read directly is already a file.
 
 Determinism: the global torch RNG is reseeded every step from (run.seed, rank, step) and the data
 source draws batch n from (run.seed, rank, n), so a resumed run replays exactly the noise,
-timesteps and batches of an uninterrupted one (bit-identical on CPU).
+timesteps and batches of an uninterrupted one (bit-identical on CPU), as long as it has the same
+number of processes (a resume with another number is refused).
 """
 
 from __future__ import annotations
@@ -16,8 +18,9 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable
-from contextlib import nullcontext
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,26 +29,23 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from engine import checkpoint as ckpt
-from engine.config import Config, load_config
-from engine.data.base import Batch, batch_seed
+from engine.autoencoders import lazy_autoencoder
+from engine.config import Config, ConfigError, load_config
+from engine.data.base import Batch, Stream, batch_seed
 from engine.distributed import World, init_world, resolve_device, shutdown_world
 from engine.ema import EMA
-from engine.methods import build_method, method_class
+from engine.methods import Method, method_class
 from engine.metrics import MetricsWriter
 from engine.pictures import grid_for_tensorboard, save_grid
 from engine.profiling import nvtx_range
-
-# Independent random streams derived from run.seed (the data source uses stream 0).
-STEP_STREAM, INIT_STREAM, GRID_STREAM = 1, 2, 3
 
 
 class NonFiniteLossError(RuntimeError):
     """Raised before the optimizer would apply a NaN/inf update."""
 
 
-class RunInterrupted(Exception):
-    """A run nested inside another (e.g. the built-in autoencoder) was stopped by Ctrl+C/SIGTERM;
-    its checkpoint is saved and rerunning the same command resumes it."""
+class ResumeError(ckpt.CheckpointError):
+    """The run directory's checkpoint cannot be continued by this run as configured."""
 
 
 @dataclass
@@ -100,35 +100,183 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype:
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
+# --------------------------------------------------------------------------- the training state
+
+
+class TrainState:
+    """Everything a resumed run continues from, besides the weights: the step, the data position,
+    the optimizer, LR schedule, grad scaler, EMA, RNG and the number of processes."""
+
+    def __init__(self, method: Method, ema: EMA | None, optimizer: torch.optim.Optimizer,
+                 scheduler: torch.optim.lr_scheduler.LRScheduler, scaler: torch.amp.GradScaler, world_size: int):
+        self.method, self.ema = method, ema
+        self.optimizer, self.scheduler, self.scaler = optimizer, scheduler, scaler
+        self.world_size = world_size
+        self.step = 0  # optimizer steps taken (skipped fp16 steps included)
+        self.data_position = 0  # micro-batches drawn per rank
+
+    def state_dict(self) -> dict:
+        rng = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        return {"step": self.step, "data_position": self.data_position,
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict(), "ema_updates": self.ema.num_updates if self.ema else 0,
+                "rng": rng, "world_size": self.world_size}
+
+    def load_state_dict(self, state: dict, where: str) -> None:
+        """Restore from a checkpoint's train state. A run of another number of processes would draw
+        another batch stream (every rank draws its own), so it is refused."""
+        if state["world_size"] != self.world_size:
+            raise ResumeError(
+                f"{where} was written by a run of {state['world_size']} process(es), but this run has "
+                f"{self.world_size}: every rank draws its own batches, so another number of processes "
+                f"would not continue the same run. Resume with {state['world_size']} process(es) "
+                f"(torchrun --nproc_per_node={state['world_size']}, or plain engine-train for 1), or "
+                f"train into a new run.dir")
+        self.step, self.data_position = state["step"], state["data_position"]
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler.is_enabled() and state["scaler"]:  # empty when the checkpointed run did not use fp16
+            self.scaler.load_state_dict(state["scaler"])
+        if self.ema is not None:
+            self.ema.num_updates = state["ema_updates"]
+        torch.set_rng_state(state["rng"]["torch"])
+
+    def restore(self, checkpoint: ckpt.Checkpoint, cfg: Config) -> None:
+        """Weights, EMA and train state from `checkpoint`; then the current config's optimizer
+        settings, which a resumed run follows (the checkpoint's would silently keep the old ones)."""
+        self.method.load_state_dict(checkpoint.model_state(ema=False))
+        if self.ema is not None:
+            self.ema.module.load_state_dict(checkpoint.model_state(ema=True))  # its update count: below
+        self.load_state_dict(checkpoint.train_state(), str(checkpoint.path))
+        factor = lr_lambda(cfg)(self.scheduler.last_epoch)
+        self.scheduler.base_lrs = [cfg.train.lr for _ in self.optimizer.param_groups]
+        for group in self.optimizer.param_groups:
+            group.update(lr=cfg.train.lr * factor, initial_lr=cfg.train.lr, betas=tuple(cfg.train.betas),
+                         weight_decay=cfg.train.weight_decay)
+
+    def optimizer_step(self, params: list[torch.Tensor], grad_clip: float, loss: torch.Tensor,
+                       world: World) -> torch.Tensor:
+        """Clip, check, step; returns the gradient norm. A non-finite loss (or, without fp16, gradient
+        norm) raises NonFiniteLossError before anything is applied. When fp16's GradScaler skips a
+        step (overflowed gradients) the LR schedule and the EMA do not advance either."""
+        self.scaler.unscale_(self.optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else math.inf)
+        # CPU-GPU sync point: a non-finite update must never reach the weights. With fp16 the scaler
+        # itself skips steps whose gradients overflowed, so only the loss is checked.
+        finite = torch.isfinite(loss)
+        if not self.scaler.is_enabled():
+            finite = finite & torch.isfinite(grad_norm)
+        if world.size > 1:  # one decision for all ranks, or the others hang in the next collective
+            finite = finite.float()
+            torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
+        if not bool(finite):
+            raise NonFiniteLossError(f"step {self.step + 1}: loss = {loss.item()}, grad norm = {grad_norm.item()}; "
+                                     f"the update was not applied")
+        scale_before = self.scaler.get_scale() if self.scaler.is_enabled() else None
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        skipped = scale_before is not None and self.scaler.get_scale() < scale_before  # the scaler backed off
+        if not skipped:
+            self.scheduler.step()
+            if self.ema is not None:
+                with nvtx_range("ema"):
+                    self.ema.update(self.method)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return grad_norm
+
+
+# --------------------------------------------------------------------------- timing
+
+
+class PhaseTimer:
+    """Wall seconds per phase (data, compute, checkpoint, sample) since the last log line."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = defaultdict(float)
+        self.steps = 0
+
+    @contextmanager
+    def phase(self, name: str):
+        start = time.perf_counter()
+        with nvtx_range(name):
+            yield
+        self.seconds[name] += time.perf_counter() - start
+
+    def take(self) -> dict[str, float]:
+        """The interval's figures, then a fresh interval: per-step means of the step's own work, and
+        the total time spent writing checkpoints and sample grids."""
+        steps = max(1, self.steps)
+        data, compute = self.seconds["data"], self.seconds["compute"]
+        figures = {"sec_per_step": (data + compute) / steps, "sec_data": data / steps,
+                   "sec_compute": compute / steps, "sec_checkpoint": self.seconds["checkpoint"],
+                   "sec_sample": self.seconds["sample"]}
+        self.seconds.clear()
+        self.steps = 0
+        return figures
+
+
+# --------------------------------------------------------------------------- setup, steps, finish
+
+
+@dataclass
+class Session:
+    """What setup builds and the steps use."""
+
+    cfg: Config
+    world: World
+    device: torch.device
+    run_dir: Path
+    data: object  # the DataSource
+    state: TrainState
+    model: torch.nn.Module  # the method, wrapped by DDP when there is more than one process
+    params: list[torch.Tensor]
+    dtype: torch.dtype
+    batches: Iterator[Batch]
+    grid_batch: Batch | None
+    metrics: MetricsWriter | None
+    timer: PhaseTimer
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+
 def train(cfg: Config, should_stop: Callable[[int], bool] | None = None, *,
           distributed: bool = True) -> TrainResult:
-    """Train (or resume) the run described by `cfg`.
+    """Train (or resume) the run described by a prepared `cfg`.
 
     `should_stop(step)` is checked after every optimizer step, like Ctrl+C: when it returns True
     the loop saves a checkpoint and returns. `distributed=False` trains in this process alone even
-    under torchrun (a helper run nested in another, e.g. the built-in autoencoder LGT prepares)."""
-    if not distributed:
-        return _train(cfg, World(), should_stop or (lambda step: False))
-    world = init_world("cuda" if cfg.train.device != "cpu" and torch.cuda.is_available() else "cpu")
+    under torchrun (a helper run nested in another, e.g. the built-in autoencoder)."""
+    world = World()
+    if distributed:
+        world = init_world("cuda" if cfg.train.device != "cpu" and torch.cuda.is_available() else "cpu")
     try:
-        return _train(cfg, world, should_stop or (lambda step: False))
+        session = setup(cfg, world)
+        start_step = session.state.step
+        stopped_early = run_steps(session, should_stop or (lambda step: False))
+        finish(session, evaluate=not stopped_early and session.state.step > start_step)
+        return TrainResult(step=session.state.step, run_dir=session.run_dir, stopped_early=stopped_early)
     finally:
         shutdown_world(world)
 
 
-def _train(cfg: Config, world: World, should_stop: Callable[[int], bool]) -> TrainResult:
+def setup(cfg: Config, world: World) -> Session:
+    """Data, method, EMA, optimizer and state (resumed when the run directory has a checkpoint)."""
     device = resolve_device(cfg.train.device, world.local_rank, option="train.device")
     run_dir = Path(cfg.run.dir)
-    checkpoint_dir = run_dir / "checkpoints"
-    resume_from = ckpt.latest_checkpoint(checkpoint_dir)  # before any work: a damaged run dir fails fast
-
-    data = method_class(cfg.method.name).training_data(cfg, world, device)
-    # Seeded right before the weights are made (the same on every rank): preparing data, e.g.
-    # training the built-in autoencoder, draws random numbers and must not change them.
-    torch.manual_seed(batch_seed(cfg.run.seed, 0, 0, INIT_STREAM))
-    method = build_method(cfg, data).to(device)
+    resume_from = ckpt.latest_checkpoint(run_dir / "checkpoints")  # before any work: a damaged run dir fails fast
+    method_cls = method_class(cfg.method.name)
+    data = method_cls.training_data(cfg, world.rank, world.size, device)
+    # Seeded right before the weights are made, the same on every rank.
+    torch.manual_seed(batch_seed(cfg.run.seed, 0, 0, Stream.INIT))
     memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
-    method = method.to(memory_format=memory_format)
+    method = method_cls.from_config(cfg, data).to(device, memory_format=memory_format)
+    if method_cls.trains_on_latents:  # decodes latents for the sample grids, on this rank's device
+        method.attach_autoencoder(lazy_autoencoder(cfg.data.autoencoder, device))
     ema = EMA(method, cfg.train.ema_decay, cfg.train.ema_warmup) if cfg.train.ema_decay > 0 else None
 
     params = [p for p in method.parameters() if p.requires_grad]
@@ -137,151 +285,138 @@ def _train(cfg: Config, world: World, should_stop: Callable[[int], bool]) -> Tra
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     dtype = autocast_dtype(cfg.train.precision, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-
-    step, micro_batches_done = 0, 0
+    state = TrainState(method, ema, optimizer, scheduler, scaler, world.size)
     if resume_from is not None:
-        step, micro_batches_done = _restore(resume_from, method, ema, optimizer, scheduler, scaler)
-        _apply_optimizer_settings(cfg, optimizer, scheduler)
+        state.restore(resume_from, cfg)
         if world.is_main:
-            tqdm.write(f"resuming from {resume_from.path} (step {step})")
+            tqdm.write(f"resuming from {resume_from.path} (step {state.step})")
     if world.is_main:
         _write_run_config(run_dir, cfg)
-    metrics = MetricsWriter(run_dir, step, cfg.log.tensorboard) if world.is_main else None
-
     model = method
     if world.size > 1:
         model = DistributedDataParallel(method, device_ids=[device.index] if device.type == "cuda" else None)
-    accum = cfg.train.grad_accum
-    batches = data.batches(micro_batches_done, cfg.train.batch_size)
     grid_batch = next(iter(data.batches(0, cfg.sample.num))).to(device) if cfg.sample.every else None
-    data_info = {"sample_shape": list(data.sample_shape), "class_names": list(data.class_names)}
+    return Session(cfg=cfg, world=world, device=device, run_dir=run_dir, data=data, state=state, model=model,
+                   params=params, dtype=dtype, batches=data.batches(state.data_position, cfg.train.batch_size),
+                   grid_batch=grid_batch,
+                   metrics=MetricsWriter(run_dir, state.step, cfg.log.tensorboard) if world.is_main else None,
+                   timer=PhaseTimer())
 
-    def save(at_step: int) -> None:
-        with nvtx_range("checkpoint"):
-            if world.is_main:
-                ckpt.save_checkpoint(
-                    checkpoint_dir, at_step, model_state=method.state_dict(),
-                    ema_state=ema.state_dict() if ema else None,
-                    train_state={"step": at_step, "data_position": micro_batches_done,
-                                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                                 "scaler": scaler.state_dict(), "ema_updates": ema.num_updates if ema else 0,
-                                 "rng": _rng_state(), "world_size": world.size},
-                    config=cfg, data_info=data_info, keep=cfg.checkpoint.keep)
-            world.barrier()
 
-    progress = tqdm(total=cfg.train.steps, initial=step, unit="step", dynamic_ncols=True,
-                    disable=not world.is_main, desc=Path(cfg.run.dir).name)
-    stopped_early = False
-    start_step = last_saved = step
-    timer = time.perf_counter()
+def run_steps(s: Session, should_stop: Callable[[int], bool]) -> bool:
+    """Optimizer steps up to train.steps, with logs, checkpoints and grids; True when stopped early."""
+    cfg, state = s.cfg, s.state
+    progress = tqdm(total=cfg.train.steps, initial=state.step, unit="step", dynamic_ncols=True,
+                    disable=not s.world.is_main, desc=s.run_dir.name)
+    last_saved = state.step
     with StopRequest() as stop:
-        while step < cfg.train.steps:
-            torch.manual_seed(batch_seed(cfg.run.seed, world.rank, step, STEP_STREAM))
-            method.train()
-            term_sums: dict[str, torch.Tensor] = {}
-            for micro in range(accum):
-                with nvtx_range("data"):
-                    batch = next(batches).to(device)
-                    if cfg.train.channels_last:
-                        batch = Batch(batch.x.contiguous(memory_format=torch.channels_last), batch.labels)
-                    micro_batches_done += 1
-                # DDP all-reduces gradients only on the last micro-batch of the step.
-                sync = nullcontext() if (world.size == 1 or micro == accum - 1) else model.no_sync()
-                with sync:
-                    with nvtx_range("forward"), torch.autocast(device.type, dtype=dtype,
-                                                               enabled=dtype != torch.float32):
-                        out = model(batch)
-                    with nvtx_range("backward"):
-                        scaler.scale(out.loss / accum).backward()
-                for key, value in {"loss": out.loss, **out.terms}.items():
-                    term_sums[key] = term_sums.get(key, 0) + value.detach().float() / accum
-
-            with nvtx_range("optimizer"):
-                scaler.unscale_(optimizer)
-                max_norm = cfg.train.grad_clip if cfg.train.grad_clip > 0 else math.inf
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-                # CPU-GPU sync point: a non-finite update must never reach the weights. With fp16 the
-                # scaler itself skips steps whose gradients overflowed, so only the loss is checked.
-                finite = torch.isfinite(term_sums["loss"])
-                if scaler.is_enabled() is False:
-                    finite = finite & torch.isfinite(grad_norm)
-                if world.size > 1:  # one decision for all ranks, or the others hang in the next collective
-                    finite = finite.float()
-                    torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
-                if not bool(finite):
-                    raise NonFiniteLossError(
-                        f"step {step + 1}: loss = {term_sums['loss'].item()}, grad norm = {grad_norm.item()}; "
-                        f"the update was not applied. The last checkpoint in {checkpoint_dir} is intact: "
-                        f"lower train.lr, enable train.grad_clip, or use train.precision = 'fp32'")
-                scaler.step(optimizer)
-                scaler.update()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-            if ema is not None:
-                with nvtx_range("ema"):
-                    ema.update(method)
-            step += 1
+        while state.step < cfg.train.steps:
+            terms, grad_norm = train_step(s)
             progress.update(1)
-
-            if metrics is not None and (step % cfg.log.every == 0 or step == cfg.train.steps):
-                elapsed, timer = time.perf_counter() - timer, time.perf_counter()
-                values = {key: value.item() for key, value in term_sums.items()}
-                values.update(lr=scheduler.get_last_lr()[0], grad_norm=grad_norm.item(),
-                              sec_per_step=elapsed / cfg.log.every)
-                metrics.scalars(step, values)
-                progress.set_postfix(loss=f"{values['loss']:.4g}", refresh=False)
-            stop_now = stop.requested or should_stop(step)
-            if world.size > 1:  # every rank must agree to stop at the same step
-                flag = torch.tensor(float(stop_now), device=device)
-                torch.distributed.all_reduce(flag)
-                stop_now = bool(flag.item() > 0)
-            if step % cfg.checkpoint.every == 0 or stop_now or step == cfg.train.steps:
-                save(step)
-                last_saved = step
+            if s.metrics is not None and (state.step % cfg.log.every == 0 or state.step == cfg.train.steps):
+                _log(s, terms, grad_norm, progress)
+            stop_now = _agree(stop.requested or should_stop(state.step), s)
+            if state.step % cfg.checkpoint.every == 0 or stop_now or state.step == cfg.train.steps:
+                save_checkpoint(s)
+                last_saved = state.step
             # After the checkpoint: a failing picture must never cost the step's checkpoint.
-            if grid_batch is not None and world.is_main and step % cfg.sample.every == 0:
-                _save_sample_grid(ema.module if ema else method, grid_batch, cfg, run_dir, step, metrics)
+            if s.grid_batch is not None and s.world.is_main and state.step % cfg.sample.every == 0:
+                with s.timer.phase("sample"):
+                    _save_sample_grid(s)
             if stop_now:
-                stopped_early = step < cfg.train.steps
                 break
     progress.close()
-    if last_saved != step:
-        save(step)
-    if world.is_main and not stopped_early and step > start_step:  # a rerun of a finished run does nothing
-        _report_evaluation(ema.module if ema else method, data, step, metrics)
-    if metrics is not None:
-        metrics.close()
-    return TrainResult(step=step, run_dir=run_dir, stopped_early=stopped_early)
+    if last_saved != state.step:
+        save_checkpoint(s)
+    return state.step < cfg.train.steps
 
 
-def _restore(checkpoint: ckpt.Checkpoint, method, ema, optimizer, scheduler, scaler) -> tuple[int, int]:
-    state = checkpoint.train_state()
-    method.load_state_dict(checkpoint.model_state(ema=False))
-    if ema is not None:
-        ema.load_state_dict(checkpoint.model_state(ema=True), state["ema_updates"])
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    if scaler.is_enabled() and state["scaler"]:  # empty when the checkpointed run did not use fp16
-        scaler.load_state_dict(state["scaler"])
-    torch.set_rng_state(state["rng"]["torch"])
-    return state["step"], state["data_position"]
+def train_step(s: Session) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """One optimizer step over train.grad_accum micro-batches: (loss terms averaged over them, grad norm)."""
+    cfg, state = s.cfg, s.state
+    torch.manual_seed(batch_seed(cfg.run.seed, s.world.rank, state.step, Stream.STEP))
+    state.method.train()
+    accum = cfg.train.grad_accum
+    terms: dict[str, torch.Tensor] = {}
+    for micro in range(accum):
+        with s.timer.phase("data"):
+            batch = next(s.batches).to(s.device)
+            if cfg.train.channels_last:
+                batch = Batch(batch.x.contiguous(memory_format=torch.channels_last), batch.labels)
+            state.data_position += 1
+        with s.timer.phase("compute"):
+            # DDP all-reduces gradients only on the last micro-batch of the step.
+            sync = nullcontext() if (s.world.size == 1 or micro == accum - 1) else s.model.no_sync()
+            with sync:
+                with nvtx_range("forward"), torch.autocast(s.device.type, dtype=s.dtype,
+                                                           enabled=s.dtype != torch.float32):
+                    out = s.model(batch)
+                with nvtx_range("backward"):
+                    state.scaler.scale(out.loss / accum).backward()
+            for key, value in {"loss": out.loss, **out.terms}.items():
+                terms[key] = terms.get(key, 0) + value.detach().float() / accum
+    with s.timer.phase("compute"), nvtx_range("optimizer"):
+        try:
+            grad_norm = state.optimizer_step(s.params, cfg.train.grad_clip, terms["loss"], s.world)
+        except NonFiniteLossError as err:
+            raise NonFiniteLossError(f"{err}. {_last_checkpoint_note(s)}: lower train.lr, enable "
+                                     f"train.grad_clip, or use train.precision = 'fp32'") from None
+    s.timer.steps += 1
+    return terms, grad_norm
 
 
-def _apply_optimizer_settings(cfg: Config, optimizer, scheduler) -> None:
-    """A resumed run follows the current config's lr, betas and weight decay: the checkpoint's
-    param groups (and the scheduler's base LRs) would silently keep the old ones."""
-    factor = lr_lambda(cfg)(scheduler.last_epoch)
-    scheduler.base_lrs = [cfg.train.lr for _ in optimizer.param_groups]
-    for group in optimizer.param_groups:
-        group.update(lr=cfg.train.lr * factor, initial_lr=cfg.train.lr, betas=tuple(cfg.train.betas),
-                     weight_decay=cfg.train.weight_decay)
+def finish(s: Session, evaluate: bool) -> None:
+    """The end-of-training evaluation (rank 0; not after an early stop or a rerun of a finished run)."""
+    if evaluate and s.world.is_main and s.cfg.eval.at_end:
+        method = s.state.ema.module if s.state.ema else s.state.method
+        method.eval()
+        results = method.evaluate(s.data, s.cfg.eval.per_class)
+        if results:
+            width = max(len(k) for k in results)
+            tqdm.write("evaluation:\n" + "\n".join(f"  {k:<{width}}  {v:.5g}" for k, v in results.items()))
+            if s.metrics is not None:
+                s.metrics.scalars(s.state.step, {f"eval/{k}": v for k, v in results.items()})
+    if s.metrics is not None:
+        s.metrics.close()
 
 
-def _rng_state() -> dict:
-    state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+# --------------------------------------------------------------------------- the pieces of a step
+
+
+def save_checkpoint(s: Session) -> None:
+    with s.timer.phase("checkpoint"):
+        state = s.state
+        if s.world.is_main:
+            ckpt.save_checkpoint(
+                s.checkpoint_dir, state.step, model_state=state.method.state_dict(),
+                ema_state=state.ema.state_dict() if state.ema else None, train_state=state.state_dict(),
+                config=s.cfg, data_info={"sample_shape": list(s.data.sample_shape),
+                                         "class_names": list(s.data.class_names)},
+                keep=s.cfg.checkpoint.keep)
+        s.world.barrier()
+
+
+def _log(s: Session, terms: dict[str, torch.Tensor], grad_norm: torch.Tensor, progress: tqdm) -> None:
+    values = {key: value.item() for key, value in terms.items()}
+    values.update(lr=s.state.scheduler.get_last_lr()[0], grad_norm=grad_norm.item(), **s.timer.take())
+    s.metrics.scalars(s.state.step, values)
+    progress.set_postfix(loss=f"{values['loss']:.4g}", refresh=False)
+
+
+def _agree(stop: bool, s: Session) -> bool:
+    """Every rank must stop at the same step: true when any rank asks."""
+    if s.world.size == 1:
+        return stop
+    flag = torch.tensor(float(stop), device=s.device)
+    torch.distributed.all_reduce(flag)
+    return bool(flag.item() > 0)
+
+
+def _last_checkpoint_note(s: Session) -> str:
+    found, _ = ckpt.find_checkpoints(s.checkpoint_dir)
+    if found is None:
+        return "No checkpoint was written yet, so a rerun starts over"
+    return f"The last checkpoint, {found.path} (step {found.step}), is intact and a rerun resumes from it"
 
 
 def _write_run_config(run_dir: Path, cfg: Config) -> None:
@@ -289,10 +424,14 @@ def _write_run_config(run_dir: Path, cfg: Config) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / "config.toml"
     if path.exists():
-        previous = load_config(path).to_dict()
-        changed = [f"{section}.{key}: {previous[section][key]!r} -> {value!r}"
+        try:
+            previous = load_config(path).to_dict()
+        except ConfigError as err:
+            tqdm.write(f"the previous {path} cannot be compared with this config ({err}); replacing it")
+            previous = cfg.to_dict()
+        changed = [f"{section}.{key}: {previous.get(section, {}).get(key)!r} -> {value!r}"
                    for section, values in cfg.to_dict().items()
-                   for key, value in values.items() if previous[section][key] != value]
+                   for key, value in values.items() if previous.get(section, {}).get(key) != value]
         if changed:
             tqdm.write("config changed since the last run of this directory:\n  " + "\n  ".join(changed))
     tmp = path.with_suffix(".toml.tmp")
@@ -301,28 +440,16 @@ def _write_run_config(run_dir: Path, cfg: Config) -> None:
 
 
 @torch.no_grad()
-def _save_sample_grid(method, grid_batch: Batch, cfg: Config, run_dir: Path, step: int,
-                      metrics: MetricsWriter | None) -> None:
-    with nvtx_range("sample"):
-        method.eval()
-        generator = torch.Generator(grid_batch.x.device).manual_seed(
-            batch_seed(cfg.run.seed, 0, 0, GRID_STREAM))
-        try:
-            images, nrow = method.sample_grid(grid_batch, generator)
-            save_grid(images, run_dir / "samples" / f"step-{step:07d}.png", nrow)
-        except (ValueError, RuntimeError, OSError) as err:
-            tqdm.write(f"warning: no sample grid at step {step}: {err}; training goes on", file=sys.stderr)
-            return
-        if metrics is not None:
-            metrics.image("samples", grid_for_tensorboard(images, nrow), step)
-
-
-def _report_evaluation(method, data, step: int, metrics: MetricsWriter | None) -> None:
+def _save_sample_grid(s: Session) -> None:
+    method = s.state.ema.module if s.state.ema else s.state.method
     method.eval()
-    results = method.evaluate(data)
-    if not results:
+    step = s.state.step
+    generator = torch.Generator(s.grid_batch.x.device).manual_seed(batch_seed(s.cfg.run.seed, 0, 0, Stream.GRID))
+    try:
+        images, nrow = method.sample_grid(s.grid_batch, generator)
+        save_grid(images, s.run_dir / "samples" / f"step-{step:07d}.png", nrow)
+    except (ValueError, RuntimeError, OSError) as err:
+        tqdm.write(f"warning: no sample grid at step {step}: {err}; training goes on", file=sys.stderr)
         return
-    width = max(len(k) for k in results)
-    tqdm.write("evaluation:\n" + "\n".join(f"  {k:<{width}}  {v:.5g}" for k, v in results.items()))
-    if metrics is not None:
-        metrics.scalars(step, {f"eval/{k}": v for k, v in results.items()})
+    if s.metrics is not None:
+        s.metrics.image("samples", grid_for_tensorboard(images, nrow), step)

@@ -9,16 +9,14 @@ backend="triton" gather + normalise in torch (O(B*S*D)), then tiled kernels that
                  the squared tiles (upper triangle only, G is symmetric), the backward recomputes
                  them flash-attention style to get dL/df = (4 / (B*S*S)) (G_x - G_y) f per row
                  block. Autograd takes the gradient back through the normalisation and the gather
-                 (repeated positions accumulate).
+                 (repeated positions accumulate). In `kernels._triton_ssm_loss`, imported the
+                 first time this backend runs.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-import triton
-import triton.language as tl
-from torch.autograd.function import once_differentiable
 
 from kernels._dispatch import resolve_backend
 
@@ -55,24 +53,36 @@ def _check_inputs(x, y, index, eps):
                              f"got {index.dtype}")
         if index.device != x.device:
             raise ValueError(f"ssm_loss: index must be on x's device {x.device}, got {index.device}")
-        _check_index_range(index, num_positions, valid)
+        # A host check only for CPU tensors outside torch.compile (where .tolist() is cheap and
+        # does not break the graph); a device-side assertion everywhere else.
+        on_host = index.device.type == "cpu" and not torch.compiler.is_compiling()
+        _check_index_range(index, num_positions, valid, on_host)
     if not eps > 0:
         raise ValueError(f"ssm_loss: eps must be > 0, got {eps!r}")
 
 
-def _check_index_range(index, num_positions, valid):
-    """ValueError for positions outside [0, N): index_select would raise an IndexError on CPU and a
-    device-side assert on CUDA (which poisons the CUDA context).
+def _check_index_range(index, num_positions, valid, on_host):
+    """Reject positions outside [0, N), which index_select would turn into an IndexError on CPU and
+    into a device-side assert on CUDA.
 
-    Reading min/max back costs one host sync per call on CUDA; accepted for a clear error (ssm_loss
-    checks once per call, never twice). Skipped where a sync is impossible or would break the graph:
-    while a CUDA graph is being captured and while torch.compile traces.
+    on_host=True: read min and max back and raise a ValueError naming them. On CPU tensors that read
+    is a memory access, not a synchronisation.
+    on_host=False: a device-side assertion (torch._assert_async), queued with the op's other
+    kernels; nothing is read back, so there is no CPU-GPU sync and the check can be captured in a
+    CUDA graph and traced by torch.compile. The trade-off: an out-of-range index then surfaces as a
+    RuntimeError ("device-side assert triggered") at a later synchronisation rather than as a
+    ValueError here, and on CUDA it leaves the context unusable (the process must restart). A host
+    check would instead stall every LGT training step on a sync, although the step's positions
+    come from `random_subset` (torch.randperm(N)[:S]) and are in range by construction. A caller
+    that wants the ValueError for its own indices can run them through ssm_loss on CPU first.
     """
-    if torch.compiler.is_compiling() or (index.is_cuda and torch.cuda.is_current_stream_capturing()):
+    if on_host:
+        low, high = torch.stack(torch.aminmax(index)).tolist()
+        if low < 0 or high >= num_positions:
+            raise ValueError(f"ssm_loss: index must hold {valid}, got values from {low} to {high}")
         return
-    low, high = torch.stack(torch.aminmax(index)).tolist()  # one device-to-host copy for both
-    if low < 0 or high >= num_positions:
-        raise ValueError(f"ssm_loss: index must hold {valid}, got values from {low} to {high}")
+    in_range = ((index >= 0) & (index < num_positions)).all()
+    torch._assert_async(in_range, f"ssm_loss: index must hold {valid}")
 
 
 def _unit_features(x, index, eps, dtype):
@@ -106,136 +116,22 @@ def _ssm_loss_torch(x, y, index, eps):
     return loss.to(x.dtype)
 
 
-@triton.jit
-def _load_rows(f_ptr, rows, cols, S, D):
-    """[len(rows), len(cols)] block of a [S, D] row-major matrix; rows past S and cols past D are 0."""
-    mask = (rows[:, None] < S) & (cols[None, :] < D)
-    return tl.load(f_ptr + rows[:, None] * D + cols[None, :], mask=mask, other=0.0)
-
-
-@triton.jit
-def _accumulate_gram(gram, f_ptr, rows_i, rows_j, cols, S, D):
-    """gram + f[rows_i, cols] f[rows_j, cols]^T."""
-    f_i = _load_rows(f_ptr, rows_i, cols, S, D)
-    f_j = _load_rows(f_ptr, rows_j, cols, S, D)
-    # "ieee": an fp32 tl.dot would otherwise run in tf32 on tensor cores (10-bit mantissa).
-    return tl.dot(f_i, tl.trans(f_j), gram, input_precision="ieee")
-
-
-@triton.jit
-def _gram_difference_tile(fx_ptr, fy_ptr, rows_i, rows_j, S, D, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
-    """(G_x - G_y)[rows_i, rows_j] in fp32; zero-padded rows and columns contribute nothing."""
-    gram_x = tl.zeros([BLOCK_S, BLOCK_S], dtype=tl.float32)
-    gram_y = tl.zeros([BLOCK_S, BLOCK_S], dtype=tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        cols = d0 + tl.arange(0, BLOCK_D)
-        gram_x = _accumulate_gram(gram_x, fx_ptr, rows_i, rows_j, cols, S, D)
-        gram_y = _accumulate_gram(gram_y, fy_ptr, rows_i, rows_j, cols, S, D)
-    # Subtracting whole Grams (not accumulating f_x f_x - f_y f_y) makes x == y give exactly 0.
-    return gram_x - gram_y
-
-
-@triton.jit
-def _ssm_fwd_kernel(fx_ptr, fy_ptr, partial_ptr, S, D, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Sum of squared G_x - G_y over row block i and every column block j >= i of sample b."""
-    b = tl.program_id(0)
-    block_i = tl.program_id(1)
-    num_blocks = tl.cdiv(S, BLOCK_S)
-    fx_ptr += b * S * D
-    fy_ptr += b * S * D
-    rows_i = block_i * BLOCK_S + tl.arange(0, BLOCK_S)
-    squares = tl.zeros([BLOCK_S, BLOCK_S], dtype=tl.float32)
-    for block_j in range(block_i, num_blocks):
-        rows_j = block_j * BLOCK_S + tl.arange(0, BLOCK_S)
-        diff = _gram_difference_tile(fx_ptr, fy_ptr, rows_i, rows_j, S, D, BLOCK_S, BLOCK_D)
-        # G is symmetric: an off-diagonal tile also stands for its mirror image.
-        squares += tl.where(block_j == block_i, 1.0, 2.0) * diff * diff
-    tl.store(partial_ptr + b * num_blocks + block_i, tl.sum(tl.sum(squares, axis=1), axis=0))
-
-
-@triton.jit
-def _ssm_bwd_kernel(fx_ptr, fy_ptr, grad_loss_ptr, grad_fx_ptr, grad_fy_ptr, S, D, scale,
-                    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, GRAD_X: tl.constexpr, GRAD_Y: tl.constexpr):
-    """dL/df_x = scale (G_x - G_y) f_x and dL/df_y = -scale (G_x - G_y) f_y for row block i and
-    feature block d of sample b, recomputing the Gram tiles instead of reading a stored S x S."""
-    b = tl.program_id(0)
-    rows_i = tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)
-    cols = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
-    fx_ptr += b * S * D
-    fy_ptr += b * S * D
-    grad_x = tl.zeros([BLOCK_S, BLOCK_D], dtype=tl.float32)
-    grad_y = tl.zeros([BLOCK_S, BLOCK_D], dtype=tl.float32)
-    for j0 in range(0, S, BLOCK_S):
-        rows_j = j0 + tl.arange(0, BLOCK_S)
-        diff = _gram_difference_tile(fx_ptr, fy_ptr, rows_i, rows_j, S, D, BLOCK_S, BLOCK_D)
-        if GRAD_X:
-            grad_x = tl.dot(diff, _load_rows(fx_ptr, rows_j, cols, S, D), grad_x, input_precision="ieee")
-        if GRAD_Y:
-            grad_y = tl.dot(diff, _load_rows(fy_ptr, rows_j, cols, S, D), grad_y, input_precision="ieee")
-    scale = scale * tl.load(grad_loss_ptr).to(tl.float32)
-    out = b * S * D + rows_i[:, None] * D + cols[None, :]
-    out_ok = (rows_i[:, None] < S) & (cols[None, :] < D)
-    if GRAD_X:
-        tl.store(grad_fx_ptr + out, scale * grad_x, mask=out_ok)
-    if GRAD_Y:
-        tl.store(grad_fy_ptr + out, -scale * grad_y, mask=out_ok)
-
-
-# Shared memory is num_stages x the four [BLOCK_S, BLOCK_D] fp32 operand tiles: at 64 x 64 Triton's
-# default of 3 stages needs 128 KiB, more than an sm_89 laptop GPU gives a block (99 KiB); 2 need 64.
-_NUM_STAGES = 2
-
-
-def _block_sizes(S, D):
-    # tl.dot needs every dimension >= 16: smaller S or D are padded with masked zero loads.
-    return min(64, max(16, triton.next_power_of_2(S))), min(64, max(16, triton.next_power_of_2(D)))
-
-
-class _GramDistanceTriton(torch.autograd.Function):
-    """mean over (b, i, j) of ((f_x f_x^T) - (f_y f_y^T))^2 for unit rows f [B, S, D] (fp32, contiguous)."""
-
-    @staticmethod
-    def forward(ctx, f_x, f_y):
-        B, S, D = f_x.shape
-        block_s, block_d = _block_sizes(S, D)
-        num_blocks = triton.cdiv(S, block_s)
-        partial = torch.empty((B, num_blocks), device=f_x.device, dtype=torch.float32)
-        _ssm_fwd_kernel[(B, num_blocks)](f_x, f_y, partial, S, D, BLOCK_S=block_s, BLOCK_D=block_d,
-                                         num_stages=_NUM_STAGES)
-        ctx.save_for_backward(f_x, f_y)
-        return partial.sum() / (B * S * S)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_loss):
-        f_x, f_y = ctx.saved_tensors
-        need_grad_x, need_grad_y = ctx.needs_input_grad
-        B, S, D = f_x.shape
-        block_s, block_d = _block_sizes(S, D)
-        grad_fx = torch.empty_like(f_x) if need_grad_x else None
-        grad_fy = torch.empty_like(f_y) if need_grad_y else None
-        grid = (B, triton.cdiv(S, block_s), triton.cdiv(D, block_d))
-        # L = sum((G_x - G_y)^2) / (B S^2) and G symmetric: dL/df_x = 4 / (B S^2) (G_x - G_y) f_x.
-        scale = 4.0 / (B * S * S)
-        _ssm_bwd_kernel[grid](f_x, f_y, grad_loss.float().contiguous(), grad_fx, grad_fy, S, D, scale,
-                              BLOCK_S=block_s, BLOCK_D=block_d, GRAD_X=need_grad_x, GRAD_Y=need_grad_y,
-                              num_stages=_NUM_STAGES)
-        return grad_fx, grad_fy
-
-
 def ssm_loss(x, y, index=None, eps=1e-8, backend="auto"):
     """Self-similarity loss between x and y: mean((G_x - G_y)^2), a scalar in x's dtype.
 
     x, y: [B, D, N] features or [B, C, H, W] (read as D = C, N = H*W). index: int64/int32 [S] of
-    positions in [0, N) (repeats allowed; others raise ValueError), or None for all N. f = x[:, :, index] / max(||.||_2 over D, eps),
-    G = f^T f [B, S, S]. Computed in float32, differentiable in x and y; the Triton backend never
-    materialises G.
+    positions in [0, N) (repeats allowed), or None for all N. Positions out of range raise a
+    ValueError for CPU tensors, and fail a device-side assertion on the GPU (no host sync; see
+    `_check_index_range`). f = x[:, :, index] / max(||.||_2 over D, eps), G = f^T f [B, S, S].
+    Computed in float32, differentiable in x and y; the Triton backend never materialises G.
     """
     _check_inputs(x, y, index, eps)
     if resolve_backend(backend, x, y, index) == "torch":
         return _ssm_loss_torch(x, y, index, eps)
+    from kernels._triton_ssm_loss import GramDistanceTriton
+
     with torch.autocast(device_type=x.device.type, enabled=False):
         f_x = _unit_features(x, index, eps, torch.float32).transpose(1, 2).contiguous()  # [B, S, D]
         f_y = _unit_features(y, index, eps, torch.float32).transpose(1, 2).contiguous()
-        loss = _GramDistanceTriton.apply(f_x, f_y)
+        loss = GramDistanceTriton.apply(f_x, f_y)
     return loss.to(x.dtype)

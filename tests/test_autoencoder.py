@@ -5,8 +5,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from engine.autoencoders import load_autoencoder, load_diffusers_autoencoder
 from engine.config import load_config
-from engine.data.base import Batch, batch_seed
+from engine.data.base import Batch, Stream, batch_seed
 from engine.methods import method_class
 from engine.methods.autoencoder import AutoencoderMethod
 from engine.models.autoencoder import (
@@ -14,12 +15,10 @@ from engine.models.autoencoder import (
     DiagonalGaussian,
     LinearAutoencoder,
     decode_to_images,
-    load_autoencoder,
-    load_diffusers_autoencoder,
 )
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
-TINY_KL = ["--autoencoder.channels=8", "--autoencoder.channel_mult=[1, 2]", "--autoencoder.num_groups=4"]
+TINY_KL = ["--method.name=autoencoder", "--autoencoder.channels=8", "--autoencoder.channel_mult=[1, 2]", "--autoencoder.num_groups=4"]
 
 
 
@@ -35,7 +34,7 @@ class FlatDigits:
     def batches(self, start, batch_size):
         number = start
         while True:
-            g = torch.Generator().manual_seed(batch_seed(self.seed, 0, number))
+            g = torch.Generator().manual_seed(batch_seed(self.seed, 0, number, Stream.BATCHES))
             x = (torch.rand(batch_size, 1, 7, 7, generator=g) > 0.6).float()
             x = torch.nn.functional.interpolate(x, size=28, mode="bilinear") * 2 - 1
             yield Batch(x, torch.randint(2, (batch_size,), generator=g))
@@ -99,7 +98,7 @@ def test_reconstruction_error_falls_well_below_its_start_after_short_training_on
 
 def test_linear_autoencoder_784_128_784_trains_on_flat_28x28_data(seed):
     data = FlatDigits(seed)
-    method = AutoencoderMethod.from_config(load_config(None, ["--autoencoder.kind=linear"]), data)
+    method = AutoencoderMethod.from_config(load_config(None, ["--method.name=autoencoder", "--autoencoder.kind=linear"]), data)
     model = method.autoencoder
     assert isinstance(model, LinearAutoencoder)
     assert (model.encoder.in_features, model.decoder.in_features, model.decoder.out_features) == (784, 128, 784)
@@ -117,7 +116,7 @@ def test_linear_autoencoder_784_128_784_trains_on_flat_28x28_data(seed):
 
 def test_sample_grid_reads_input_then_reconstruction_in_whole_pairs():
     data = FlatDigits(0)
-    method = AutoencoderMethod.from_config(load_config(None, ["--autoencoder.kind=linear"]), data).eval()
+    method = AutoencoderMethod.from_config(load_config(None, ["--method.name=autoencoder", "--autoencoder.kind=linear"]), data).eval()
     batch = next(data.batches(0, 5))
     images, nrow = method.sample_grid(batch, torch.Generator().manual_seed(0))
     assert images.shape == (10, 1, 28, 28) and nrow % 2 == 0

@@ -10,7 +10,7 @@ from engine.config import Config
 def save(directory, step, keep=3, value=None):
     state = {"w": torch.full((4, 3), float(step) if value is None else value)}
     return ckpt.save_checkpoint(directory, step, model_state=state, ema_state={"w": state["w"] * 2},
-                                train_state={"step": step, "data_position": step * 2}, config=Config(),
+                                train_state={"step": step, "data_position": step * 2}, config=Config("lgt"),
                                 data_info={"sample_shape": [3, 8, 8], "class_names": ["a"]}, keep=keep)
 
 
@@ -23,7 +23,7 @@ def test_round_trip_and_latest_pointer(tmp_path):
     assert torch.equal(found.model_state()["w"], torch.full((4, 3), 20.0))
     assert torch.equal(found.model_state(ema=True)["w"], torch.full((4, 3), 40.0))
     assert found.train_state()["data_position"] == 40
-    assert found.config() == Config()
+    assert found.config() == Config("lgt")
 
 
 def test_rotation_keeps_the_newest(tmp_path):

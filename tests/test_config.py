@@ -1,5 +1,6 @@
 """The config system: precedence, typed parsing, and errors that name the key, file and choices."""
 
+import re
 import subprocess
 import sys
 
@@ -24,11 +25,12 @@ def test_precedence_is_cli_over_toml_over_defaults(tmp_path):
 
 
 def test_stable_key_names_exist():
-    cfg = Config()
-    for dotted in ("run.dir", "run.seed", "train.steps", "train.batch_size", "train.device",
+    for method in ("ddpm", "autoencoder", "lgt"):
+        cfg = Config(method)
+        for dotted in ("run.dir", "run.seed", "train.steps", "train.batch_size", "train.device",
                    "checkpoint.every", "checkpoint.keep", "data.source", "log.every", "sample.every"):
-        section, key = dotted.split(".")
-        assert hasattr(getattr(cfg, section), key), dotted
+            section, key = dotted.split(".")
+            assert hasattr(getattr(cfg, section), key), dotted
 
 
 def test_override_values_are_parsed_as_toml_with_string_fallback():
@@ -66,10 +68,45 @@ def test_bad_choice_lists_choices():
 @pytest.mark.parametrize("override, key", [("--train.steps=0", "train.steps"),
                                             ("--ddpm.label_drop_prob=1.5", "ddpm.label_drop_prob"),
                                             ("--swd.kernel_size=4", "swd.kernel_size"),
-                                            ("--data.source=s3://bucket", "data.source")])
+                                            ("--data.source=s3://bucket", "data.source"),
+                                            ("--data.source=latents:", "data.source"),
+                                            ("--train.lr=1e39", "train.lr"),
+                                            ("--train.lr=inf", "train.lr"),
+                                            ("--ddpm.cfg_scale=nan", "ddpm.cfg_scale"),
+                                            ("--ddpm.eta=inf", "ddpm.eta"),
+                                            ("--prepare.image_size=100", "prepare.image_size")])
 def test_impossible_values_fail_naming_the_key(override, key):
+    method = "lgt" if override.startswith(("--swd", "--prepare")) else "ddpm"
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
-        load_config(None, [override])
+        load_config(None, [f"--method.name={method}", override])
+
+
+def test_each_method_has_its_own_sections_and_refuses_another_methods():
+    assert {"ddpm", "model"} <= set(Config("ddpm").sections) and "lgt" not in Config("ddpm").sections
+    assert {"lgt", "ode", "swd", "ssm", "prepare", "autoencoder", "model"} <= set(Config("lgt").sections)
+    assert "ddpm" not in Config("lgt").sections and "model" not in Config("autoencoder").sections
+    with pytest.raises(ConfigError, match=r"\[ddpm\] is a section of method ddpm, but method.name = 'lgt'"):
+        load_config(None, ["--method.name=lgt", "--ddpm.timesteps=10"])
+
+
+@pytest.mark.parametrize("old, new", [("autoencoder.prepare_crops", "prepare.crops"),
+                                      ("lgt.autoencoder", "data.autoencoder"),
+                                      ("sample.sampler", "ddpm.sampler"),
+                                      ("sample.steps", "ddpm.sample_steps"),
+                                      ("sample.cfg_scale", "ddpm.cfg_scale")])
+def test_a_moved_key_names_its_new_place(tmp_path, old, new):
+    section, key = old.split(".")
+    path = write(tmp_path, f'[method]\nname = "lgt"\n[{section}]\n{key} = 1\n')
+    with pytest.raises(ConfigError, match=rf"c\.toml: {re.escape(old)} moved to {re.escape(new)}"):
+        load_config(path)
+
+
+def test_method_name_on_the_command_line_picks_the_sections(tmp_path):
+    path = write(tmp_path, '[method]\nname = "ddpm"\n[model]\nchannels = 8\n')
+    cfg = load_config(path, ["--method.name=lgt", "--ode.steps=2"])
+    assert cfg.method.name == "lgt" and cfg.ode.steps == 2 and cfg.model.channels == 8
+    with pytest.raises(ConfigError, match="method.name = 'gan' is not one of"):
+        load_config(None, ["--method.name=gan"])
 
 
 def test_malformed_override_and_missing_file(tmp_path):
@@ -79,10 +116,11 @@ def test_malformed_override_and_missing_file(tmp_path):
         load_config(tmp_path / "nope.toml")
 
 
-def test_resolved_config_round_trips_through_toml(tmp_path):
-    cfg = load_config(None, ["--train.steps=5", "--model.channel_mult=[1,3]"])
+@pytest.mark.parametrize("method", ["ddpm", "autoencoder", "lgt"])
+def test_resolved_config_round_trips_through_toml(tmp_path, method):
+    cfg = load_config(None, [f"--method.name={method}", "--train.steps=5"])
     again = load_config(write(tmp_path, cfg.to_toml()))
-    assert again == cfg
+    assert again == cfg and again.sections == cfg.sections
 
 
 def test_every_shipped_config_is_valid():
@@ -96,7 +134,7 @@ def test_every_shipped_config_is_valid():
 
 def test_print_config_prints_resolved_toml(tmp_path):
     path = write(tmp_path, "[train]\nsteps = 9\n")
-    out = subprocess.run([sys.executable, "-c", "from engine.cli import train_main; train_main()",
+    out = subprocess.run([sys.executable, "-c", "from engine.commands.train import main; main()",
                           str(path), "--print-config", "--train.batch_size=5"],
                          capture_output=True, text=True, check=True).stdout
     resolved = tomllib.loads(out)
@@ -105,7 +143,7 @@ def test_print_config_prints_resolved_toml(tmp_path):
 
 def test_cli_reports_config_errors_without_traceback(tmp_path):
     path = write(tmp_path, "[train]\nsteps = -1\n")
-    proc = subprocess.run([sys.executable, "-c", "from engine.cli import train_main; train_main()", str(path)],
+    proc = subprocess.run([sys.executable, "-m", "engine.commands.train", str(path)],
                           capture_output=True, text=True, check=False)
     assert proc.returncode == 2
     assert "train.steps" in proc.stderr and "Traceback" not in proc.stderr
@@ -116,8 +154,23 @@ def test_run_paths_are_made_absolute(tmp_path, monkeypatch):
 
     monkeypatch.chdir(tmp_path)
     cfg = with_absolute_paths(load_config(None, ["--data.source=latents:data/l.safetensors",
-                                                 "--run.cache_dir=cache", "--lgt.autoencoder=ae/run"]))
+                                                 "--run.cache_dir=cache", "--data.autoencoder=ae/run"]))
     assert cfg.data.source == f"latents:{tmp_path / 'data' / 'l.safetensors'}"
     assert cfg.run.cache_dir == str(tmp_path / "cache")
-    assert cfg.lgt.autoencoder == str(tmp_path / "ae" / "run")
+    assert cfg.data.autoencoder == str(tmp_path / "ae" / "run")
     assert with_absolute_paths(load_config(None)).data.source == "builtin:textures"
+
+
+def test_help_lists_every_key_of_every_method_with_its_default(capsys):
+    from engine.commands.train import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--help"])
+    assert exit_.value.code == 0
+    text = capsys.readouterr().out
+    for method in ("ddpm", "autoencoder", "lgt"):
+        cfg = Config(method)
+        for section, values in cfg.to_dict().items():
+            for key, value in values.items():
+                if key != "name":
+                    assert f"{section}.{key} = {value!r}:" in text, f"{section}.{key}"

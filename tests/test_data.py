@@ -1,7 +1,6 @@
 import itertools
 import multiprocessing
 import socket
-import sys
 import types
 from pathlib import Path
 
@@ -156,8 +155,18 @@ def test_epochs_are_differently_shuffled_and_batches_continue_across_them(seed):
 
     assert sorted(stream[:50]) == list(range(50)) and sorted(stream[50:100]) == list(range(50))
     assert stream[:50] != stream[50:100]
-    other_rank = EpochStreamBatchSampler(50, 15, seed, rank=1, start=0)
-    assert [i for i, _ in other_rank.batch(0)] != stream[:15]
+
+
+def test_ranks_draw_disjoint_shards_of_every_epoch(seed):
+    ranks = [EpochStreamBatchSampler(51, 5, seed, rank=r, start=0, world_size=2) for r in (0, 1)]
+    streams = [[index for batch in take(iter(sampler), 10) for index, _ in batch] for sampler in ranks]  # 2 epochs
+    for epoch in range(2):
+        shards = [set(stream[25 * epoch:25 * (epoch + 1)]) for stream in streams]
+        assert len(shards[0]) == len(shards[1]) == 25 and not shards[0] & shards[1]
+    one_process = EpochStreamBatchSampler(51, 5, seed, rank=0, start=0)
+    assert [i for i, _ in one_process.batch(0)] != streams[0][:5]
+    with pytest.raises(ValueError, match="cannot shard 1 images over 2 processes"):
+        EpochStreamBatchSampler(1, 5, seed, rank=0, start=0, world_size=2)
 
 
 def test_folder_augmentation_is_a_seeded_random_crop_and_flip(tmp_path, seed):
@@ -249,14 +258,15 @@ def test_builder_makes_the_named_source(tmp_path):
 
 
 def test_builder_hands_latent_paths_and_device_to_the_latent_source(monkeypatch):
+    import engine.data
+
     calls = []
-    fake = types.ModuleType("engine.data.latents")
-    fake.LatentSource = types.SimpleNamespace(from_config=lambda *args: calls.append(args) or "latent source")
-    monkeypatch.setitem(sys.modules, "engine.data.latents", fake)
+    fake = types.SimpleNamespace(load=lambda *args: calls.append(args) or "latent source")
+    monkeypatch.setattr(engine.data, "LatentSource", fake)
     cfg = DataConfig(source="latents:/data/z.safetensors")
 
-    assert build_data_source(cfg, seed=3, rank=1, device="cuda") == "latent source"
-    assert calls == [(cfg, "/data/z.safetensors", 3, 1, "cuda")]
+    assert build_data_source(cfg, seed=3, rank=1, world_size=2, device="cuda") == "latent source"
+    assert calls == [("/data/z.safetensors", 3, 1, "cuda")]
 
 
 @pytest.mark.parametrize("source", ["webdataset:/x", "folder:", "builtin:digits"])

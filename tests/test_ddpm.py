@@ -1,4 +1,4 @@
-"""DDPM / DDIM: the seeds' bugs pinned shut, schedules, conversions, guidance, samplers, overfitting.
+"""DDPM / DDIM: the classic hand-written bugs pinned shut, schedules, conversions, guidance, samplers, overfitting.
 
 References are written out here in float64 from the papers' formulas, independently of the
 buffers in engine/methods/schedules.py.
@@ -13,9 +13,9 @@ import pytest
 import torch
 from torch import nn
 
-from engine.config import Config, DDPMConfig, load_config
+from engine.config import Config, load_config
 from engine.data.base import Batch
-from engine.methods.ddpm import DDPM, ddim_timesteps, grid_layout
+from engine.methods.ddpm import DDPM, DDPMConfig, ddim_timesteps, grid_layout
 from engine.methods.schedules import (
     eps_from_v,
     predict_eps_from_x0,
@@ -161,7 +161,7 @@ def test_prediction_conversions_are_exact_inverses(seed):
     torch.testing.assert_close(v_from_eps_x0(eps_from_v(x_t, v, a, s), x0_from_v(x_t, v, a, s), a, s), v, **tol)
 
 
-# ----------------------------------------------------------------------------- training: seed 002's bugs
+# ----------------------------------------------------------------------------- training: the classic bugs
 
 
 @pytest.mark.parametrize("schedule", ["linear", "cosine"])
@@ -403,17 +403,17 @@ class FakeData:
         self.class_names = ["brick", "grass", "gravel"]
 
 
-def small_config(**sample) -> Config:
-    cfg = Config()
+def small_config(num: int, **grid) -> Config:
+    cfg = Config("ddpm")
     cfg.model = replace(cfg.model, channels=8, channel_mult=[1, 2], num_res_blocks=1, attention_resolutions=[4],
                         num_heads=2)
-    cfg.ddpm = replace(cfg.ddpm, timesteps=20)
-    cfg.sample = replace(cfg.sample, **sample)
+    cfg.ddpm = replace(cfg.ddpm, timesteps=20, **grid)
+    cfg.sample.num = num
     return cfg
 
 
-def test_sample_grid_follows_the_sample_section_and_is_reproducible(seed):
-    method = DDPM.from_config(small_config(num=5, steps=2, sampler="ddim", cfg_scale=1.5), FakeData())
+def test_sample_grid_follows_the_grid_settings_and_is_reproducible(seed):
+    method = DDPM.from_config(small_config(5, sample_steps=2, sampler="ddim", cfg_scale=1.5), FakeData())
     randomized(method.model)
     assert method.model.num_classes == 3 and method.sample_shape == SHAPE
     batch = Batch(torch.zeros(1, *SHAPE), torch.zeros(1, dtype=torch.long))

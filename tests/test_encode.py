@@ -6,11 +6,12 @@ import torch
 from PIL import Image
 
 from engine import checkpoint as ckpt
+from engine.autoencoders import load_autoencoder, weights_hash
+from engine.commands.encode import main
 from engine.config import load_config
 from engine.data.latents import LatentSource, read_latents
-from engine.encode import encode_folder, main
+from engine.encode import encode_folder
 from engine.methods.autoencoder import AutoencoderMethod
-from engine.models.autoencoder import load_autoencoder, weights_hash
 
 TINY_KL = ["--method.name=autoencoder", "--autoencoder.channels=8", "--autoencoder.channel_mult=[1, 2]",
            "--autoencoder.num_groups=4"]

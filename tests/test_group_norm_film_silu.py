@@ -6,21 +6,13 @@ reference at the same precision (flash-attention's rule): the kernel's largest e
 float64 may be at most twice eager's plus a small absolute term.
 """
 
-import importlib
-
 import pytest
 import torch
 
 import kernels
-from kernels.group_norm_film_silu import (
-    _empty_statistics,
-    _launch_backward,
-    _launch_forward,
-    group_norm_film_silu_reference,
-)
-
-# The module itself: `kernels.group_norm_film_silu` as an attribute is the function it exports.
-fused_module = importlib.import_module("kernels.group_norm_film_silu")
+from kernels import _triton_group_norm
+from kernels._triton_group_norm import launch_backward, launch_forward
+from kernels.group_norm_film_silu import _empty_statistics, group_norm_film_silu_reference
 
 SHAPES_AND_GROUPS = [  # [B, C, H, W] with 1 group, a middle count, and one channel per group
     ((1, 6, 5, 7), 1), ((1, 6, 5, 7), 3), ((1, 6, 5, 7), 6),
@@ -144,8 +136,8 @@ def test_fp32_parameters_with_fp16_activations(seed):
 def test_groups_spanning_many_tiles(seed, monkeypatch, shape, num_groups, tile, channels_last):
     """Small tiles exercise the loops over a group: the merging of per-tile statistics and the
     per-channel sums carried across tiles, which the test shapes above fit in one tile."""
-    monkeypatch.setattr(fused_module, "_FORWARD_TILE", tile)
-    monkeypatch.setattr(fused_module, "_BACKWARD_TILE", tile)
+    monkeypatch.setattr(_triton_group_norm, "_FORWARD_TILE", tile)
+    monkeypatch.setattr(_triton_group_norm, "_BACKWARD_TILE", tile)
     x, film, leaves = make_inputs(shape, torch.float32, channels_last)
     leaves["x"] = x = (3 + x.detach()).requires_grad_()  # an offset, so a wrong merge of tile means shows
     dy = torch.randn_like(x)
@@ -215,10 +207,10 @@ def test_kernels_write_every_output_element(seed, shape, num_groups):
     args = (num_groups, *film.values())
     y = torch.full_like(x, float("nan"))
     mean, rstd = (t.fill_(float("nan")) for t in _empty_statistics(x, num_groups))
-    _launch_forward(x.detach(), y, mean, rstd, *args, eps=1e-5, act=True)
+    launch_forward(x.detach(), y, mean, rstd, *args, eps=1e-5, act=True)
     dx = torch.full_like(x, float("nan"))
     sum_du, sum_du_xhat = (torch.full(shape[:2], float("nan"), device=DEVICE) for _ in range(2))
-    _launch_backward(torch.randn_like(x), x.detach(), dx, mean, rstd, sum_du, sum_du_xhat, *args, act=True)
+    launch_backward(torch.randn_like(x), x.detach(), dx, mean, rstd, sum_du, sum_du_xhat, *args, act=True)
     for name, t in {"y": y, "mean": mean, "rstd": rstd, "dx": dx, "sum_du": sum_du,
                     "sum_du_xhat": sum_du_xhat}.items():
         assert not t.isnan().any(), f"{name} has unwritten (NaN) elements"

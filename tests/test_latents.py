@@ -1,13 +1,18 @@
-"""Latent datasets: the file format, the style index, the device-resident source, and builtin
-latents prepared (and cached) on first use."""
+"""Latent datasets: the file format, the style index and the device-resident source."""
 
 import pytest
 import torch
 
 from engine.config import load_config
 from engine.data import build_data_source
-from engine.data.latents import LatentFile, LatentSource, StyleIndex, read_latents, write_latents
-from engine.models.autoencoder import AutoencoderIdentity
+from engine.data.latents import (
+    AutoencoderIdentity,
+    LatentFile,
+    LatentSource,
+    StyleIndex,
+    read_latents,
+    write_latents,
+)
 
 CLASSES = ["brick", "grass", "gravel", "moon"]
 
@@ -137,53 +142,3 @@ def test_split_holdout_is_deterministic_disjoint_and_keeps_every_label():
 
 def _fields(data: LatentFile):
     return data.latents, data.labels, data.class_names, data.scaling_factor, data.autoencoder
-
-
-# --------------------------------------------------------------------------- builtin latents
-
-
-def tiny_builtin_config(tmp_path, *extra):
-    return load_config(None, [
-        f"--run.cache_dir={tmp_path / 'cache'}", "--run.seed=1", "--method.name=lgt",
-        "--autoencoder.channels=8", "--autoencoder.channel_mult=[1, 2]", "--autoencoder.num_groups=4",
-        "--autoencoder.prepare_steps=2", "--autoencoder.prepare_batch_size=2",
-        "--autoencoder.prepare_train_size=16", "--autoencoder.prepare_image_size=32",
-        "--autoencoder.prepare_crops=6", "--train.device=cpu", *extra])
-
-
-def test_builtin_latents_are_prepared_once_then_reused(tmp_path, monkeypatch):
-    from engine.data import latents as latents_module
-
-    cfg = tiny_builtin_config(tmp_path)
-    path = latents_module.prepare_builtin_latents(cfg)
-    data = read_latents(path)
-    assert data.latents.shape == (6, 4, 16, 16) and data.latents.dtype == torch.float16
-    assert data.class_names[:3] == ["brick", "grass", "gravel"]
-    assert abs(data.latents.float().std().item() - 1.0) < 1e-2  # scaled by 1 / std
-    run_dir = latents_module.builtin_autoencoder_config(cfg).run.dir
-    assert data.autoencoder.path.endswith(run_dir.split("/")[-1])
-
-    def no_training(*args, **kwargs):
-        raise AssertionError("the cached autoencoder and latents should have been reused")
-
-    monkeypatch.setattr("engine.train.train", no_training)
-    monkeypatch.setattr("engine.encode.encode_dataset", no_training)
-    assert latents_module.prepare_builtin_latents(cfg) == path
-    # A different crop count is a different file, made with the same cached autoencoder.
-    monkeypatch.undo()
-    monkeypatch.setattr("engine.train.train", no_training)
-    other = latents_module.prepare_builtin_latents(tiny_builtin_config(tmp_path, "--autoencoder.prepare_crops=3"))
-    assert other != path and read_latents(other).autoencoder == data.autoencoder
-    # A named autoencoder (lgt.autoencoder) is used as is, never trained.
-    named = tiny_builtin_config(tmp_path, f"--lgt.autoencoder={run_dir}", "--autoencoder.prepare_crops=2")
-    assert read_latents(latents_module.prepare_builtin_latents(named)).latents.shape[0] == 2
-
-
-def test_evaluation_never_prepares_builtin_latents_anew(tmp_path):
-    from engine.config import load_config
-    from engine.data.latents import prepare_builtin_latents
-
-    cfg = load_config(None, ["--method.name=lgt", f"--run.cache_dir={tmp_path / 'empty-cache'}"])
-    with pytest.raises(FileNotFoundError, match="rerun engine-train"):
-        prepare_builtin_latents(cfg, may_prepare=False)
-    assert not (tmp_path / "empty-cache").exists()

@@ -11,8 +11,8 @@ import torch
 
 import kernels
 from engine.config import load_config
-from engine.data.latents import LatentFile, LatentSource, write_latents
-from engine.methods.lgt import LGT, build_lgt_data, draw_targets, sample_style_reference
+from engine.data.latents import AutoencoderIdentity, LatentFile, LatentSource, write_latents
+from engine.methods.lgt import LGT, draw_targets, sample_style_reference
 from engine.methods.lgt_energy import (
     PatchSWD,
     SelfSimilarity,
@@ -22,7 +22,6 @@ from engine.methods.lgt_energy import (
     random_probe,
 )
 from engine.methods.ode import SOLVERS
-from engine.models.autoencoder import AutoencoderIdentity
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "lgt_4070.toml"
 TINY_MODEL = ["--model.channels=16", "--model.channel_mult=[1,2]", "--model.attention_resolutions=[4]",
@@ -280,7 +279,7 @@ def test_hutchinson_divergence_estimates_the_trace_of_the_jacobian(seed):
 def test_ema_copy_shares_the_data_and_the_state_dict_holds_only_weights(tmp_path, seed):
     method, data = tiny_lgt(tmp_path, seed)
     clone = copy.deepcopy(method)
-    assert clone._data.value is data and clone._decoder.value is method._decoder.value
+    assert clone._data.value is data and clone._autoencoder.value is method._autoencoder.value
     assert all(key.startswith("unet.") for key in method.state_dict() if key != "scaling_factor")
     assert method.state_dict()["scaling_factor"] == 1.0  # what the latents file says
 
@@ -289,7 +288,7 @@ def test_lgt_data_holds_out_latents_of_every_style_for_evaluation(tmp_path, seed
     path = write_synthetic_latents(tmp_path / "latents.safetensors", [5, 4, 6], seed)
     cfg = load_config(None, ["--method.name=lgt", f"--data.source=latents:{path}",
                              "--lgt.holdout_per_style=2"])
-    data = build_lgt_data(cfg)
+    data = LGT.training_data(cfg, 0, 1, torch.device("cpu"))
     assert len(data) == 15 - 6 and data.heldout.labels.tolist() == [0, 0, 1, 1, 2, 2]
     training = data.latents.float()
     assert not (data.heldout.x[:, None] == training[None]).flatten(2).all(dim=2).any()

@@ -5,7 +5,7 @@ import pytest
 from PIL import Image
 from test_train import tiny_config
 
-from engine.cli import sample_main
+from engine.commands.sample import main as sample_main
 from engine.train import train
 
 
@@ -35,12 +35,10 @@ def test_ddim_with_eta_zero_is_reproducible(ddpm_run, tmp_path):
 
 
 def test_unknown_label_and_missing_run_are_clear_errors(ddpm_run, tmp_path, capsys):
-    with pytest.raises(SystemExit):
-        sample_main(["--checkpoint", str(ddpm_run), "--out", str(tmp_path / "x.png"), "--labels", "marble"])
-    assert "marble" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        sample_main(["--checkpoint", str(tmp_path / "nowhere")])
-    assert "no checkpoint found" in capsys.readouterr().err
+    assert sample_main(["--checkpoint", str(ddpm_run), "--out", str(tmp_path / "x.png"), "--labels", "marble"]) == 1
+    assert "engine-sample: error: --labels: 'marble'" in capsys.readouterr().err
+    assert sample_main(["--checkpoint", str(tmp_path / "nowhere")]) == 1
+    assert "engine-sample: error: no checkpoint found" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("bad", [["--n", "0"], ["--steps", "0"], ["--eta", "-1"], ["--nrow", "-1"]])

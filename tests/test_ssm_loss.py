@@ -2,11 +2,17 @@
 scale, the tiled Triton kernels (forward and backward) against the float64 reference with and
 without an index, identical inputs, half precision, bad inputs."""
 
+import importlib
+
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import kernels
 from kernels.ssm_loss import ssm_loss_reference
+
+# `kernels.ssm_loss` names the function once the package is imported; this is the module.
+ssm_module = importlib.import_module("kernels.ssm_loss")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 FP32_RTOL = 1e-5
@@ -159,7 +165,7 @@ def _bad_inputs():
 
 
 @pytest.mark.parametrize("case", list(_bad_inputs()))
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["auto", "torch", "triton"])
 def test_bad_inputs_raise_value_error(case, backend):
     x, y, index, eps, message = _bad_inputs()[case]
     with pytest.raises(ValueError, match=message):
@@ -179,3 +185,93 @@ def test_index_at_both_ends_of_the_range_is_accepted(seed, backend):
     index = torch.tensor([9, 0, 9, 4], dtype=torch.int32, device=DEVICE)
     expected = ssm_loss_reference(x.double(), y.double(), index.long())
     _assert_close_to_reference(kernels.ssm_loss(x, y, index, backend=backend), expected, FP32_RTOL)
+
+
+# ------------------------------------------------------------------ the index check never syncs on a GPU
+
+
+class _HostReadError(AssertionError):
+    pass
+
+
+class _NoHostReads(TorchDispatchMode):
+    """Records the aten ops run inside it and fails on the ones that copy a value to the host
+    (.item(), bool(t), int(t), `if t:` all reach aten._local_scalar_dense)."""
+
+    HOST_READS = ("aten._local_scalar_dense", "aten.is_nonzero", "aten.equal")
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func.overloadpacket)
+        self.ops.append(name)
+        if name in self.HOST_READS:
+            raise _HostReadError(f"{func} reads a tensor value back to the host")
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.fixture
+def no_host_reads(monkeypatch):
+    """A context manager in which reading a tensor's value on the host raises _HostReadError:
+    .tolist() and .numpy() copy without going through the dispatcher, so they are patched too."""
+    def refuse(name):
+        def method(self, *args, **kwargs):
+            raise _HostReadError(f"Tensor.{name}() reads tensor values back to the host")
+        return method
+
+    def guard():
+        for name in ("tolist", "numpy", "item"):
+            monkeypatch.setattr(torch.Tensor, name, refuse(name))
+        return _NoHostReads()
+
+    return guard
+
+
+def test_out_of_range_index_on_cpu_raises_value_error_on_every_backend():
+    x = torch.zeros(1, 2, 7)
+    for backend in ("auto", "torch", "triton"):
+        with pytest.raises(ValueError, match=r"\[0, 7\), got values from -2 to 3"):
+            kernels.ssm_loss(x, x, torch.tensor([0, 3, -2]), backend=backend)
+
+
+def test_the_guard_catches_the_host_check(no_host_reads):
+    """The host branch reads min and max back: the guard must see it, or the next test proves nothing."""
+    with pytest.raises(_HostReadError), no_host_reads():
+        ssm_module._check_index_range(torch.tensor([0, 3]), 7, "positions", on_host=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32])
+def test_device_branch_asserts_on_the_device_without_reading_back(no_host_reads, dtype):
+    """The branch GPU tensors take: a torch._assert_async and no value read back. (On CPU tensors
+    _assert_async checks at once, so the out-of-range case fails here, as a RuntimeError.)"""
+    with no_host_reads() as mode:
+        ssm_module._check_index_range(torch.tensor([0, 6, 3], dtype=dtype), 7, "positions", on_host=False)
+    assert "aten._assert_async" in mode.ops
+    for bad in ([0, 7], [-1, 3]):
+        with pytest.raises(RuntimeError, match="ssm_loss: index must hold positions"), no_host_reads():
+            ssm_module._check_index_range(torch.tensor(bad, dtype=dtype), 7, "positions", on_host=False)
+
+
+def test_index_on_a_device_other_than_cpu_takes_the_device_branch(no_host_reads):
+    """Meta tensors hold no values (a host check could not even run): the input check on them goes
+    through the device assertion, as CUDA tensors do."""
+    x = torch.zeros(2, 3, 10, device="meta")
+    index = torch.zeros(4, dtype=torch.long, device="meta")
+    with no_host_reads() as mode:
+        ssm_module._check_inputs(x, x, index, 1e-8)
+    assert "aten._assert_async" in mode.ops
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="needs a GPU: CUDA's sync debug mode")
+def test_cuda_input_check_does_not_synchronize(seed):
+    x = torch.randn(2, 4, 64, device="cuda")
+    index = torch.randperm(64, device="cuda")[:16]
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        ssm_module._check_inputs(x, x, index, 1e-8)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()  # the assertion held

@@ -19,7 +19,7 @@ from engine.train import NonFiniteLossError, train
 TINY = ["--data.source=builtin:textures", "--data.image_size=16", "--model.channels=16",
         "--model.channel_mult=[1,2]", "--model.attention_resolutions=[8]", "--model.num_res_blocks=1",
         "--model.num_groups=8", "--model.dropout=0.1", "--train.batch_size=4", "--train.warmup_steps=2",
-        "--ddpm.timesteps=50", "--sample.num=4", "--sample.steps=3", "--log.every=1",
+        "--ddpm.timesteps=50", "--sample.num=4", "--ddpm.sample_steps=3", "--log.every=1",
         "--log.tensorboard=false", "--checkpoint.every=2", "--train.device=cpu", "--data.num_workers=0"]
 
 
@@ -66,11 +66,12 @@ def test_run_directory_holds_config_metrics_samples_and_checkpoints(tmp_path):
 
 
 def test_non_finite_loss_stops_before_the_update(tmp_path, monkeypatch):
-    real_build = train_module.build_method
+    method_cls = train_module.method_class("ddpm")
+    real_build = method_cls.from_config.__func__
     seen = {}
 
-    def build_poisoned(cfg, data):
-        method = real_build(cfg, data)
+    def build_poisoned(cls, cfg, data):
+        method = real_build(cls, cfg, data)
         real_forward = method.forward
         calls = {"n": 0}
 
@@ -86,7 +87,7 @@ def test_non_finite_loss_stops_before_the_update(tmp_path, monkeypatch):
         seen["method"] = method
         return method
 
-    monkeypatch.setattr(train_module, "build_method", build_poisoned)
+    monkeypatch.setattr(method_cls, "from_config", classmethod(build_poisoned))
     with pytest.raises(NonFiniteLossError, match="step 3"):
         train(tiny_config(tmp_path / "run", "--train.steps=6", "--sample.every=0"))
     after = seen["method"].state_dict()
@@ -109,7 +110,7 @@ def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(tmp_path):
     config = tmp_path / "tiny.toml"
     config.write_text(tiny_config(run, "--train.steps=400", "--sample.every=0",
                                   "--checkpoint.every=1000").to_toml())
-    command = [sys.executable, "-c", "from engine.cli import train_main; train_main()", str(config)]
+    command = [sys.executable, "-m", "engine.commands.train", str(config)]
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
     deadline = time.time() + 120
@@ -150,9 +151,9 @@ def test_initial_weights_do_not_depend_on_data_preparation(tmp_path, monkeypatch
     method_cls = train_module.method_class("ddpm")
     real = method_cls.training_data.__func__
 
-    def preparing(cls, cfg, world, device):
-        torch.rand(1000)  # e.g. training the built-in autoencoder draws random numbers
-        return real(cls, cfg, world, device)
+    def preparing(cls, cfg, rank, world_size, device):
+        torch.rand(1000)  # e.g. reading data that draws random numbers
+        return real(cls, cfg, rank, world_size, device)
 
     monkeypatch.setattr(method_cls, "training_data", classmethod(preparing))
     train(tiny_config(tmp_path / "prepared", "--train.steps=1", "--sample.every=0"))

@@ -9,12 +9,13 @@ import torch
 from PIL import Image
 
 from engine import checkpoint as ckpt
+from engine.commands.transfer import main
 from engine.config import load_config
 from engine.encode import encode_folder
 from engine.methods.autoencoder import AutoencoderMethod
 from engine.models.autoencoder import build_autoencoder
+from engine.prepare import prepare
 from engine.train import train
-from engine.transfer import main
 
 STYLES = ("dots", "stripes", "warm")
 IMAGE_SIDE, PADDING = 16, 2  # the tiny autoencoder halves the side: latents 4 x 8 x 8
@@ -69,7 +70,7 @@ def lgt_run(tmp_path_factory):
                              "--swd.num_projections=8", "--ssm.max_spatial_samples=16",
                              "--lgt.holdout_per_style=1", "--sample.every=3", "--sample.num=2",
                              "--log.every=1", "--log.tensorboard=false"])
-    train(cfg)
+    train(prepare(cfg))
     return run, images, latents
 
 
@@ -131,7 +132,7 @@ def test_a_run_that_is_not_lgt_is_refused(lgt_run, tmp_path, capsys):
     autoencoder_run = images.parent / "autoencoder"
     assert main(["--checkpoint", str(autoencoder_run), "--content", str(images / "dots"),
                  "--out", str(tmp_path / "x.png"), "--device", "cpu"]) == 1
-    assert "not an LGT run (method.name = 'autoencoder')" in capsys.readouterr().err
+    assert "trained with method.name = 'autoencoder'; this command needs 'lgt'" in capsys.readouterr().err
 
 
 def test_a_missing_autoencoder_is_reported(lgt_run, tmp_path, capsys):

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from engine.config import ModelConfig
+from engine.methods.sections import ModelConfig
 from engine.models.embeddings import sinusoidal_embedding
 from engine.models.unet import UNet
 
@@ -116,17 +116,6 @@ def test_class_table_has_a_null_row_used_when_labels_are_none(seed):
     null = torch.full((x.shape[0],), num_classes)
     torch.testing.assert_close(model(x, t, None), model(x, t, null), atol=0, rtol=0)
     assert not torch.allclose(model(x, t, None), model(x, t, torch.zeros_like(null)), atol=1e-4)
-
-
-def test_forward_with_embedding_is_the_extension_point_of_forward(seed):
-    model = tiny_unet()
-    perturb_zero_parameters(model)
-    x, t, labels = inputs(model)
-    emb = model.embed(t, labels)
-    assert emb.shape == (x.shape[0], model.time_embed_dim)
-    torch.testing.assert_close(model.forward_with_embedding(x, emb), model(x, t, labels), atol=0, rtol=0)
-    extra = torch.randn_like(emb)
-    assert not torch.allclose(model.forward_with_embedding(x, emb + extra), model(x, t, labels), atol=1e-4)
 
 
 def test_every_parameter_receives_a_gradient(seed):

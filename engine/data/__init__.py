@@ -1,27 +1,35 @@
-"""Data sources: `build_data_source` turns `data.source` into a `DataSource` (see base.py)."""
+"""Data sources: `build_data_source` turns `data.source` into a `DataSource` (see base.py).
+
+This package only reads data: turning built-in images into latents (training an autoencoder,
+encoding) is the preparation stage's work (engine/prepare.py), done before a source is built.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from engine.config import ConfigError, DataConfig
-from engine.data.base import Batch, DataSource, batch_seed
+import torch
+
+from engine.data.base import Batch, DataSource, Stream, batch_seed
 from engine.data.builtin import BuiltinTextures
 from engine.data.images import ImageFolderSource
+from engine.data.latents import LatentSource
+from engine.options import ConfigError
 
-__all__ = ["Batch", "DataSource", "batch_seed", "build_data_source"]
+__all__ = ["Batch", "DataSource", "Stream", "batch_seed", "build_data_source"]
 
 
-def build_data_source(cfg: DataConfig, seed: int, rank: int = 0, device: str = "cpu") -> DataSource:
-    """The source `cfg.source` names; `device` is where a latent source keeps its tensors."""
+def build_data_source(cfg, seed: int, rank: int = 0, world_size: int = 1,
+                      device: str | torch.device = "cpu") -> DataSource:
+    """The source `cfg.source` names (cfg: the [data] section); `device` is where a latent source
+    keeps its tensors. Image folders give each of `world_size` ranks its own shard of every epoch;
+    the other sources draw i.i.d. batches per rank."""
     kind, _, path = cfg.source.partition(":")
     if cfg.source == "builtin:textures":
         return BuiltinTextures(cfg.image_size, cfg.flip, seed, rank)
     if kind == "folder" and path:
-        return ImageFolderSource(Path(path), cfg.image_size, cfg.flip, seed, rank, cfg.num_workers)
+        return ImageFolderSource(Path(path), cfg.image_size, cfg.flip, seed, rank, cfg.num_workers, world_size)
     if kind == "latents" and path:
-        from engine.data.latents import LatentSource  # imported only when latents are used
-
-        return LatentSource.from_config(cfg, path, seed, rank, device)
+        return LatentSource.load(path, seed, rank, device)
     raise ConfigError(f"data.source = {cfg.source!r} is not one of 'builtin:textures', 'folder:PATH' "
                       f"(one sub-folder per class of PNG/JPEG images) or 'latents:PATH' (from engine-encode)")

@@ -4,9 +4,25 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from enum import IntEnum, unique
 from typing import Protocol
 
 import torch
+
+
+@unique
+class Stream(IntEnum):
+    """Every independent random stream derived from run.seed, in one table so no two uses share one.
+
+    `batch_seed(seed, rank, counter, stream)` mixes them: the same counter in two streams gives
+    unrelated numbers. The values are part of every run's reproducibility: never renumber them."""
+
+    BATCHES = 0  # data draws: latent rows, built-in crops, image-folder epoch permutations
+    STEP = 1  # the training loop's per-step global RNG (noise, timesteps, dropout)
+    INIT = 2  # the initial weights
+    GRID = 3  # the fixed noise of sample grids
+    AUGMENT = 5  # image-folder crops and flips
+    PREPARE = 7  # the crops of built-in pictures encoded into built-in latents
 
 
 @dataclass
@@ -33,11 +49,11 @@ class DataSource(Protocol):
         ...
 
 
-def batch_seed(seed: int, rank: int, number: int, stream: int = 0) -> int:
+def batch_seed(seed: int, rank: int, number: int, stream: Stream) -> int:
     """A well-mixed 63-bit seed for one (seed, rank, counter) triple (splitmix64 finaliser).
 
-    `stream` separates independent uses of the same counter (data draws use stream 0; the
-    training loop's per-step RNG another), so they never share random numbers."""
+    `stream` (see `Stream`) separates independent uses of the same counter, so they never share
+    random numbers."""
     z = (seed * 0x9E3779B97F4A7C15 + rank * 0xBF58476D1CE4E5B9 + number * 0x94D049BB133111EB
          + stream * 0xD6E8FEB86659FD93) & (2**64 - 1)
     z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & (2**64 - 1)

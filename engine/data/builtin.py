@@ -23,7 +23,7 @@ import skimage.data
 import torch
 from PIL import Image
 
-from engine.data.base import Batch, batch_seed
+from engine.data.base import Batch, Stream, batch_seed
 from engine.pictures import image_to_tensor, resize_shorter_side
 
 # Pictures bundled in scikit-image's wheel (checked to load with no network). Others in
@@ -101,5 +101,5 @@ class BuiltinTextures:
 
     def batches(self, start: int, batch_size: int) -> Iterator[Batch]:
         for number in itertools.count(start):
-            generator = torch.Generator().manual_seed(batch_seed(self.seed, self.rank, number))
+            generator = torch.Generator().manual_seed(batch_seed(self.seed, self.rank, number, Stream.BATCHES))
             yield self.draw_crops(batch_size, generator)

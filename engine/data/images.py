@@ -8,12 +8,15 @@ Each sample: decode as RGB, resize so the shorter side is `image_size` (up or do
 image_size x image_size crop along the longer side, flip horizontally with probability 1/2 (if
 `flip`), scale to [-1, 1].
 
-Order: the sample stream is the concatenation of epoch permutations (epoch e shuffled by a
-generator seeded with batch_seed(seed, rank, e)); micro-batch i is samples i*B .. (i+1)*B - 1 of
-that stream, and every sample carries an augmentation seed derived from (seed, rank, i, position).
-So batch i, crops and flips included, is a pure function of (seed, rank, i, B): a resumed run
-starting at batch k draws exactly what an uninterrupted run draws from batch k on, whatever the
-number of workers.
+Order: every epoch e is one permutation of the N images, the same on every rank (seeded with
+batch_seed(seed, 0, e)). Under torchrun with W processes it is dealt round-robin: rank r takes
+positions r, r + W, ... of its first floor(N / W) * W entries, so the ranks' shards of an epoch are
+disjoint (as DistributedSampler's with drop_last; the N mod W left over differ from epoch to
+epoch). A rank's sample stream is the concatenation of its shards; micro-batch i is samples
+i*B .. (i+1)*B - 1 of that stream, and every sample carries an augmentation seed derived from
+(seed, rank, i, position). So batch i, crops and flips included, is a pure function of
+(seed, rank, W, i, B): a resumed run starting at batch k draws exactly what an uninterrupted run
+draws from batch k on, whatever the number of workers.
 """
 
 from __future__ import annotations
@@ -29,12 +32,11 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from engine.data.base import Batch, batch_seed
+from engine.data.base import Batch, Stream, batch_seed
 from engine.pictures import PIL_READ_ERRORS, image_to_tensor, open_rgb, resize_shorter_side
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 LAYOUT_HINT = "expected one sub-folder per class with PNG/JPEG images"
-AUGMENT_STREAM = 5  # the batch_seed stream of crops and flips (epoch permutations use stream 0)
 
 log = logging.getLogger(__name__)
 
@@ -74,30 +76,37 @@ def verify_image(path: Path) -> None:
 
 
 @functools.lru_cache(maxsize=2)  # a batch usually spans one or two epochs; a permutation is O(N) to draw
-def epoch_permutation(num_samples: int, seed: int, rank: int, epoch: int) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(batch_seed(seed, rank, epoch))
+def epoch_permutation(num_samples: int, seed: int, epoch: int) -> torch.Tensor:
+    """The order of epoch `epoch`, the same on every rank (each then takes its own shard of it)."""
+    generator = torch.Generator().manual_seed(batch_seed(seed, 0, epoch, Stream.BATCHES))
     return torch.randperm(num_samples, generator=generator)
 
 
 def augmentation_seed(seed: int, rank: int, number: int, position: int) -> int:
     """The seed of the crop and flip of sample `position` of micro-batch `number`."""
-    return batch_seed(batch_seed(seed, rank, number, AUGMENT_STREAM), 0, position)
+    return batch_seed(batch_seed(seed, rank, number, Stream.AUGMENT), 0, position, Stream.BATCHES)
 
 
 class EpochStreamBatchSampler:
-    """Yields, for micro-batch start, start + 1, ..., the list of (dataset index, augmentation seed)."""
+    """Yields, for micro-batch start, start + 1, ..., the list of (dataset index, augmentation seed)
+    of this rank (see the module doc for the order and the sharding)."""
 
-    def __init__(self, num_samples: int, batch_size: int, seed: int, rank: int, start: int):
+    def __init__(self, num_samples: int, batch_size: int, seed: int, rank: int, start: int, world_size: int = 1):
+        if not 0 <= rank < world_size or num_samples < world_size:
+            raise ValueError(f"cannot shard {num_samples} images over {world_size} processes (rank {rank}): "
+                             f"every process needs at least one image per epoch")
         self.num_samples, self.batch_size = num_samples, batch_size
-        self.seed, self.rank, self.start = seed, rank, start
+        self.seed, self.rank, self.world_size, self.start = seed, rank, world_size, start
+        self.shard_size = num_samples // world_size  # samples of one epoch that this rank draws
 
     def batch(self, number: int) -> list[tuple[int, int]]:
         stream_positions = torch.arange(number * self.batch_size, (number + 1) * self.batch_size)
-        epochs, offsets = stream_positions // self.num_samples, stream_positions % self.num_samples
+        epochs, offsets = stream_positions // self.shard_size, stream_positions % self.shard_size
         indices = torch.empty_like(offsets)
         for epoch in epochs.unique().tolist():  # more than one when the batch crosses an epoch end
             in_epoch = epochs == epoch
-            indices[in_epoch] = epoch_permutation(self.num_samples, self.seed, self.rank, epoch)[offsets[in_epoch]]
+            order = epoch_permutation(self.num_samples, self.seed, epoch)
+            indices[in_epoch] = order[offsets[in_epoch] * self.world_size + self.rank]
         return [(index, augmentation_seed(self.seed, self.rank, number, position))
                 for position, index in enumerate(indices.tolist())]
 
@@ -135,7 +144,7 @@ class ImageFolderSource:
     """Batches of augmented crops from a folder of class sub-folders (see the module doc)."""
 
     def __init__(self, root: str | Path, image_size: int, flip: bool, seed: int, rank: int = 0,
-                 num_workers: int = 0):
+                 num_workers: int = 0, world_size: int = 1):
         root = Path(root)
         self.class_names, samples = scan_image_folder(root)
         # Fail on a corrupt file now, not hours into training (pixels are decoded only later).
@@ -148,10 +157,12 @@ class ImageFolderSource:
                  root, ", ".join(f"{name}={count}" for name, count in self.class_counts.items()))
         self.dataset = AugmentedImages(samples, image_size, flip)
         self.sample_shape = (3, image_size, image_size)
-        self.seed, self.rank, self.num_workers = seed, rank, num_workers
+        self.seed, self.rank, self.world_size, self.num_workers = seed, rank, world_size, num_workers
+        EpochStreamBatchSampler(len(samples), 1, seed, rank, 0, world_size)  # too few images fails now
 
     def batches(self, start: int, batch_size: int) -> Iterator[Batch]:
-        sampler = EpochStreamBatchSampler(len(self.dataset), batch_size, self.seed, self.rank, start)
+        sampler = EpochStreamBatchSampler(len(self.dataset), batch_size, self.seed, self.rank, start,
+                                          self.world_size)
         loader = DataLoader(self.dataset, batch_sampler=sampler, num_workers=self.num_workers,
                             pin_memory=torch.cuda.is_available())
         iterator = iter(loader)

@@ -18,8 +18,6 @@ rows sorted by label in one flat tensor plus per-label offsets and counts.
 
 from __future__ import annotations
 
-import copy
-import hashlib
 import json
 import os
 from collections.abc import Iterator
@@ -29,14 +27,19 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
-from tqdm import tqdm
 
-from engine.config import CheckpointConfig, Config, DataConfig, LogConfig, SampleConfig, TrainConfig, validate
-from engine.data.base import Batch, batch_seed
-from engine.models.autoencoder import AutoencoderIdentity
+from engine.data.base import Batch, Stream, batch_seed
 
 FORMAT = "engine-latents/1"
 RERUN_HINT = "re-run engine-encode to write it again"
+
+
+@dataclass(frozen=True)
+class AutoencoderIdentity:
+    """Which autoencoder made a set of latents: where it was loaded from and a hash of its weights."""
+
+    path: str
+    weights_hash: str
 
 
 # --------------------------------------------------------------------------- the file
@@ -88,7 +91,8 @@ def read_latents(path: str | Path, device: str | torch.device = "cpu") -> Latent
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"latents file not found: {path}; run engine-encode first "
-                                f"(engine-encode --images DIR --autoencoder CKPT --out {path})")
+                                f"(engine-encode --images DIR --autoencoder CKPT --out {path}), or, for latents "
+                                f"prepared from builtin:textures, rerun engine-train with the run's config")
     try:
         with safe_open(str(path), framework="pt", device=str(device)) as f:
             metadata = f.metadata() or {}
@@ -112,6 +116,16 @@ def read_latents(path: str | Path, device: str | torch.device = "cpu") -> Latent
         raise ValueError(f"latents file {path}: metadata is missing or malformed ({err!r}); {RERUN_HINT}") from err
     _check_consistent(data, str(path))
     return data
+
+
+def read_latents_metadata(path: str | Path) -> dict[str, str]:
+    """The metadata of a latents file without reading its tensors ({} when it cannot be read: the
+    full read, later, reports what is wrong with it)."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except (SafetensorError, OSError):
+        return {}
 
 
 def _check_consistent(data: LatentFile, where: str) -> None:
@@ -204,20 +218,14 @@ class LatentSource:
         return cls(data.latents, data.labels, data.class_names, data.scaling_factor, data.autoencoder,
                    seed, rank, str(path))
 
-    @classmethod
-    def from_config(cls, cfg, path: str, seed: int, rank: int = 0,
-                    device: str | torch.device = "cpu") -> LatentSource:
-        """What `build_data_source` calls for `data.source = "latents:PATH"` (cfg: DataConfig; no
-        field of it applies to latents: they are used as encoded, no crops or flips)."""
-        return cls.load(path, seed, rank, device)
-
     def __len__(self) -> int:
         return self.latents.shape[0]
 
     def batches(self, start: int, batch_size: int) -> Iterator[Batch]:
         number = start
         while True:
-            generator = torch.Generator(self.device).manual_seed(batch_seed(self.seed, self.rank, number))
+            generator = torch.Generator(self.device).manual_seed(
+                batch_seed(self.seed, self.rank, number, Stream.BATCHES))
             rows = torch.randint(len(self), (batch_size,), generator=generator, device=self.device)
             yield Batch(self.latents[rows].float(), self.labels[rows])
             number += 1
@@ -244,121 +252,3 @@ class LatentSource:
         train = LatentSource(self.latents[keep], self.labels[keep], self.class_names, self.scaling_factor,
                              self.autoencoder, self.seed, self.rank, self.path)
         return train, Batch(self.latents[held].float(), self.labels[held])
-
-
-# --------------------------------------------------------------------------- builtin:textures as latents
-
-
-def _short_hash(settings: dict) -> str:
-    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
-#
-# LGT on `data.source = "builtin:textures"` needs latents of the built-in textures. On first use:
-#   1. the built-in autoencoder is trained by engine-train's own loop on builtin:textures crops
-#      (unless lgt.autoencoder names one), in a run directory under run.cache_dir;
-#   2. autoencoder.prepare_crops crops of autoencoder.prepare_image_size are drawn and encoded;
-#   3. the file is cached under run.cache_dir, named by a hash of everything that made it.
-# Later runs find both in the cache and skip straight to training.
-
-BUILTIN_AUTOENCODER_LR = 5e-4  # short runs: higher than the LGT default, still stable with clipping
-PREPARE_STREAM = 7  # batch_seed stream of the crops that are encoded (distinct from training draws)
-ENCODE_BATCH_SIZE = 16
-
-
-def builtin_autoencoder_config(cfg: Config) -> Config:
-    """The engine-train config of the built-in autoencoder, its run directory in the cache."""
-    settings = cfg.autoencoder
-    steps = settings.prepare_steps
-    ae = Config()
-    ae.method.name = "autoencoder"
-    ae.autoencoder = copy.deepcopy(settings)
-    ae.data = DataConfig(source="builtin:textures", image_size=settings.prepare_train_size, flip=True)
-    ae.train = TrainConfig(steps=steps, batch_size=settings.prepare_batch_size, device=cfg.train.device,
-                           precision=cfg.train.precision, lr=BUILTIN_AUTOENCODER_LR,
-                           warmup_steps=min(100, steps // 10), ema_decay=0.999)
-    ae.checkpoint = CheckpointConfig(every=max(1, steps // 4), keep=1)  # an interrupted run resumes
-    ae.sample = SampleConfig(every=steps, num=8)  # one input | reconstruction grid, at the end
-    ae.log = LogConfig(every=min(50, steps), tensorboard=False)
-    what = ae.to_dict()
-    del what["run"]
-    what["train"].pop("device")  # the same recipe trained on another device is the same autoencoder
-    for key in ("prepare_crops", "prepare_image_size"):  # what is encoded, not how the autoencoder is made
-        what["autoencoder"].pop(key)
-    ae.run.seed = cfg.run.seed
-    ae.run.cache_dir = cfg.run.cache_dir
-    key = _short_hash({"recipe": what, "seed": cfg.run.seed})
-    ae.run.dir = str(Path(cfg.run.cache_dir) / f"autoencoder-textures-{key}")
-    validate(ae, "built-in autoencoder (from the [autoencoder] section)")
-    return ae
-
-
-def train_builtin_autoencoder(cfg: Config) -> Path:
-    """The run directory of the built-in autoencoder, trained now unless the cache has it."""
-    from engine.checkpoint import find_checkpoints
-
-    ae = builtin_autoencoder_config(cfg)
-    run_dir = Path(ae.run.dir)
-    done, _ = find_checkpoints(run_dir / "checkpoints")
-    if done is None or done.step < ae.train.steps:
-        from engine.train import RunInterrupted, train
-
-        tqdm.write(f"builtin:textures latents: training the built-in autoencoder ({ae.train.steps} steps on "
-                   f"{ae.data.image_size}px crops) in {run_dir}; later runs reuse it")
-        if train(ae, distributed=False).stopped_early:
-            raise RunInterrupted(f"the built-in autoencoder's training was stopped before its {ae.train.steps} "
-                                 f"steps; run the same command again to resume it (from {run_dir})")
-    return run_dir
-
-
-def _builtin_crop_batches(cfg: Config) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str]]]:
-    """autoencoder.prepare_crops crops, ENCODE_BATCH_SIZE at a time, from one seeded generator."""
-    from engine.data.builtin import BuiltinTextures
-
-    total = cfg.autoencoder.prepare_crops
-    textures = BuiltinTextures(cfg.autoencoder.prepare_image_size, flip=True, seed=cfg.run.seed)
-    generator = torch.Generator().manual_seed(batch_seed(cfg.run.seed, 0, 0, PREPARE_STREAM))
-    for start in range(0, total, ENCODE_BATCH_SIZE):
-        batch = textures.draw_crops(min(ENCODE_BATCH_SIZE, total - start), generator)
-        names = [f"builtin crop {start + i} ({textures.class_names[y]})" for i, y in enumerate(batch.labels)]
-        yield batch.x, batch.labels, names
-
-
-def prepare_builtin_latents(cfg: Config, may_prepare: bool = True) -> Path:
-    """Path of the latents of builtin:textures for this `Config`, made on first use.
-
-    `may_prepare=False` (evaluating a finished run) refuses to train or encode anything: a new
-    autoencoder would not be the one the run was trained with.
-
-    The autoencoder is `lgt.autoencoder` when set, else the built-in one (trained and cached, see
-    above). The file's name hashes the crop settings, the seed and the autoencoder's weights, so a
-    change to any of them makes a new file and an unchanged config reuses the old one."""
-    from engine.data.builtin import BUILTIN_PICTURES
-    from engine.distributed import resolve_device
-    from engine.encode import encode_dataset
-    from engine.models.autoencoder import load_autoencoder
-
-    settings = cfg.autoencoder
-    if not may_prepare and not cfg.lgt.autoencoder:
-        from engine.checkpoint import find_checkpoints
-
-        done, _ = find_checkpoints(Path(builtin_autoencoder_config(cfg).run.dir) / "checkpoints")
-        if done is None:
-            raise FileNotFoundError(f"the built-in autoencoder this run used is not in {cfg.run.cache_dir}; "
-                                    f"rerun engine-train with the run's config to prepare it again")
-    autoencoder_path = Path(cfg.lgt.autoencoder) if cfg.lgt.autoencoder else train_builtin_autoencoder(cfg)
-    autoencoder, identity = load_autoencoder(autoencoder_path, resolve_device(cfg.train.device, option="train.device"))
-    size = settings.prepare_image_size
-    autoencoder.latent_shape((autoencoder.in_channels, size, size))  # fail before encoding anything
-    key = _short_hash({"source": "builtin:textures", "pictures": list(BUILTIN_PICTURES),
-                       "crops": settings.prepare_crops, "image_size": size, "seed": cfg.run.seed,
-                       "autoencoder": identity.weights_hash, "format": FORMAT})
-    out = Path(cfg.run.cache_dir) / f"latents-textures-{key}.safetensors"
-    if out.is_file():
-        return out
-    if not may_prepare:
-        raise FileNotFoundError(f"the built-in latents this run trained on are gone ({out}); rerun "
-                                f"engine-train with the run's config to prepare them again")
-    tqdm.write(f"builtin:textures latents: encoding {settings.prepare_crops} crops of {size}px with "
-               f"{identity.path} into {out}; later runs reuse it")
-    encode_dataset(autoencoder, identity, _builtin_crop_batches(cfg), settings.prepare_crops,
-                   list(BUILTIN_PICTURES), out, desc="encoding builtin:textures")
-    return out

@@ -1,31 +1,20 @@
-"""Method registry: `method.name` in the config -> the class that owns that method's maths."""
+"""Method registry: `method.name` in the config -> the class that owns that method's maths and
+config sections."""
 
 from __future__ import annotations
 
-import importlib
-
-from engine.config import Config
-from engine.data.base import DataSource
+from engine.methods.autoencoder import AutoencoderMethod
 from engine.methods.base import LossOutput, Method
+from engine.methods.ddpm import DDPM
+from engine.methods.lgt import LGT
 
-# name -> "module:Class"; imported lazily so a method's optional dependencies load only when used.
-METHODS = {
-    "ddpm": "engine.methods.ddpm:DDPM",
-    "autoencoder": "engine.methods.autoencoder:AutoencoderMethod",
-    "lgt": "engine.methods.lgt:LGT",
-}
+METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (DDPM, AutoencoderMethod, LGT)}
 
 
 def method_class(name: str) -> type[Method]:
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}; valid: {', '.join(METHODS)}")
-    module, cls = METHODS[name].split(":")
-    return getattr(importlib.import_module(module), cls)
+    return METHODS[name]
 
 
-def build_method(cfg: Config, data: DataSource) -> Method:
-    """The method named by `cfg.method.name`, built for this data (shape, classes)."""
-    return method_class(cfg.method.name).from_config(cfg, data)
-
-
-__all__ = ["LossOutput", "Method", "build_method", "method_class"]
+__all__ = ["METHODS", "LossOutput", "Method", "method_class"]

@@ -11,19 +11,22 @@ Loss = recon + kl_weight * KL / (pixels per sample), with
 from __future__ import annotations
 
 import math
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 
 from engine.data.base import Batch
 from engine.methods.base import LossOutput, Method
+from engine.methods.sections import AutoencoderConfig
 from engine.models.autoencoder import build_autoencoder
 
-EVAL_BATCHES, EVAL_BATCH_SIZE = 4, 16
+EVAL_BATCH_SIZE = 16
 
 
 class AutoencoderMethod(Method):
     name = "autoencoder"
+    config_sections: ClassVar[dict[str, type]] = {"autoencoder": AutoencoderConfig}
 
     def __init__(self, autoencoder: torch.nn.Module, loss: str = "l1", kl_weight: float = 1e-6):
         super().__init__()
@@ -71,12 +74,14 @@ class AutoencoderMethod(Method):
         return pairs, 2 * pairs_per_row
 
     @torch.no_grad()
-    def evaluate(self, data) -> dict[str, float]:
-        """Reconstruction error of the posterior mean, and the latent std (1/std is what
-        engine-encode uses as scaling_factor when the autoencoder has none)."""
+    def evaluate(self, data, per_class: int) -> dict[str, float]:
+        """Reconstruction error of the posterior mean on about `per_class` x classes inputs (batches
+        0.. of the data stream), and the latent std (1/std is what engine-encode uses as
+        scaling_factor when the autoencoder has none)."""
         device = self.scaling_factor.device
+        total = per_class * max(1, len(data.class_names))
         errors, latents = [], []
-        for batch in _take(data.batches(0, EVAL_BATCH_SIZE), EVAL_BATCHES):
+        for batch in _take(data.batches(0, EVAL_BATCH_SIZE), math.ceil(total / EVAL_BATCH_SIZE)):
             x = batch.x.to(device).float()
             z = self.autoencoder.encode(x).mode()
             x_hat = self.autoencoder.decode(z).clamp(-1, 1)

@@ -12,21 +12,23 @@ timesteps with the posterior q(x_{t-1} | x_t, x0_hat); its last step is the post
 noise. DDIM steps through `steps` evenly spread timesteps with
     x_prev = sqrt(ab_prev) x0_hat + sqrt(1 - ab_prev - sigma^2) eps_hat + sigma z,
     sigma = eta sqrt((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev)),
-and its last step uses ab_prev = 1, so it returns x0_hat. The seeds' bugs pinned by
-tests/test_ddpm.py: .sqrt() of the sqrt buffers, the network fed x0 instead of x_t, a noisy last step.
+and its last step uses ab_prev = 1, so it returns x0_hat. Hand-written DDPMs often get three things
+wrong, pinned by tests/test_ddpm.py: .sqrt() of buffers that already hold square roots, the
+network fed x0 instead of x_t, and noise added on the last step.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from engine.config import Config, DDPMConfig, SampleConfig
-from engine.data.base import Batch, DataSource
+from engine.data.base import Batch
 from engine.methods.base import LossOutput, Method
 from engine.methods.schedules import (
     NoiseSchedule,
@@ -38,11 +40,36 @@ from engine.methods.schedules import (
     v_from_eps_x0,
     x0_from_v,
 )
+from engine.methods.sections import ModelConfig
 from engine.models.unet import UNet
+from engine.options import option
 
 PREDICTIONS = ("eps", "v", "x0")
 LOSSES = ("mse", "l1")
 SAMPLERS = ("ddpm", "ddim")
+
+
+@dataclass
+class DDPMConfig:
+    timesteps: int = option(1000, "diffusion steps T")
+    schedule: str = option("cosine", "beta schedule", ("linear", "cosine"))
+    beta_start: float = option(1e-4, "first beta of the linear schedule")
+    beta_end: float = option(0.02, "last beta of the linear schedule")
+    prediction: str = option("eps", "what the network predicts", PREDICTIONS)
+    loss: str = option("mse", "regression loss on the prediction", LOSSES)
+    label_drop_prob: float = option(0.1, "probability a label is replaced by the null class (CFG training)")
+    clip_denoised: bool = option(True, "clamp the predicted x0 to [-1, 1] while sampling")
+    sampler: str = option("ddim", "sampler of the training sample grids", SAMPLERS)
+    sample_steps: int = option(50, "sampler steps of the grids (DDIM); DDPM always uses every timestep")
+    eta: float = option(0.0, "DDIM eta of the grids: 0 = deterministic, 1 = DDPM's variance")
+    cfg_scale: float = option(1.0, "classifier-free guidance scale of the grids (1 = conditional only)")
+
+    def validate(self, check):
+        check(self.timesteps >= 2, "timesteps", "must be >= 2")
+        check(0 < self.beta_start < self.beta_end < 1, "beta_start", "need 0 < beta_start < beta_end < 1")
+        check(0 <= self.label_drop_prob <= 1, "label_drop_prob", "must be in [0, 1]")
+        check(self.sample_steps > 0, "sample_steps", "must be > 0")
+        check(self.eta >= 0, "eta", "must be >= 0")
 
 
 def ddim_timesteps(num_timesteps: int, steps: int) -> list[int]:
@@ -76,8 +103,11 @@ class DDPM(Method):
     """`model(x_t [B, C, H, W], t [B] float, labels [B] long or None) -> [B, C, H, W]` is the
     network (a UNet); labels index classes 0..num_classes-1 and num_classes is the NULL class."""
 
+    name = "ddpm"
+    config_sections: ClassVar[dict[str, type]] = {"model": ModelConfig, "ddpm": DDPMConfig}
+
     def __init__(self, model: nn.Module, sample_shape: tuple[int, int, int], num_classes: int,
-                 ddpm: DDPMConfig, grid: SampleConfig | None = None):
+                 ddpm: DDPMConfig, grid_size: int = 16):
         super().__init__()
         if ddpm.prediction not in PREDICTIONS:
             raise ValueError(f"ddpm.prediction={ddpm.prediction!r} is not one of {PREDICTIONS}")
@@ -90,16 +120,17 @@ class DDPM(Method):
         self.loss_kind = ddpm.loss
         self.label_drop_prob = ddpm.label_drop_prob
         self.clip_denoised = ddpm.clip_denoised
-        self.grid = grid if grid is not None else SampleConfig()
+        self.grid_settings = ddpm  # sampler, sample_steps, eta, cfg_scale of the sample grids
+        self.grid_size = grid_size
         self.schedule = NoiseSchedule(make_betas(ddpm.schedule, ddpm.timesteps, ddpm.beta_start, ddpm.beta_end))
 
     @classmethod
-    def from_config(cls, cfg: Config, data: DataSource) -> DDPM:
+    def from_config(cls, cfg, data) -> DDPM:
         channels, height, _ = data.sample_shape
         num_classes = len(data.class_names)
         model = UNet.from_config(cfg.model, in_channels=channels, out_channels=channels,
                                  num_classes=num_classes, image_size=height)
-        return cls(model, data.sample_shape, num_classes, cfg.ddpm, cfg.sample)
+        return cls(model, data.sample_shape, num_classes, cfg.ddpm, cfg.sample.num)
 
     @property
     def null_label(self) -> int:
@@ -127,7 +158,7 @@ class DDPM(Method):
                       labels: torch.Tensor | None) -> LossOutput:
         """The loss for given clean data x0 [B, C, H, W], timesteps t [B] long and noise like x0."""
         x_t = self.schedule.q_sample(x0, t, noise)
-        # The network sees the noisy x_t (seed 002 fed it x0) and the integer timestep as a float.
+        # The network sees the noisy x_t (never x0) and the integer timestep as a float.
         output = self.model(x_t, t.float(), labels).float()
         target = self.prediction_target(x0.float(), t, noise.float())
         if output.shape != target.shape:
@@ -183,9 +214,9 @@ class DDPM(Method):
                   labels: torch.Tensor | None = None, cfg_scale: float = 1.0) -> torch.Tensor:
         """One ancestral step x_t -> x_{t-1} ~ q(x_{t-1} | x_t, x0_hat)."""
         x0, _ = self.denoise(x_t, t, labels, cfg_scale)
-        mean = self.schedule.posterior_mean_coef1[t] * x0 + self.schedule.posterior_mean_coef2[t] * x_t
+        mean = self.schedule.posterior_mean(x0, x_t, torch.full((x_t.shape[0],), t, device=x_t.device))
         if t == 0:
-            return mean  # Algorithm 2's z = 0: the last step adds no noise (seed 002, FIX 3)
+            return mean  # Algorithm 2's z = 0: the last step adds no noise
         std = (0.5 * self.schedule.posterior_log_variance_clipped[t]).exp()
         return mean + std * _noise(x_t.shape, generator, x_t.device)
 
@@ -254,10 +285,11 @@ class DDPM(Method):
 
     @torch.no_grad()
     def sample_grid(self, batch: Batch, generator: torch.Generator) -> tuple[torch.Tensor, int]:
-        """cfg.sample.num images from noise with the [sample] settings; `batch` is not needed."""
-        labels, nrow = grid_layout(self.grid.num, self.num_classes)
-        images = self.sample(self.grid.num, generator, labels=labels, sampler=self.grid.sampler,
-                             steps=self.grid.steps, eta=self.grid.eta, cfg_scale=self.grid.cfg_scale)
+        """sample.num images from noise with the grid settings of [ddpm]; `batch` is not needed."""
+        grid = self.grid_settings
+        labels, nrow = grid_layout(self.grid_size, self.num_classes)
+        images = self.sample(self.grid_size, generator, labels=labels, sampler=grid.sampler,
+                             steps=grid.sample_steps, eta=grid.eta, cfg_scale=grid.cfg_scale)
         return images.clamp(-1, 1), nrow
 
     def _check_labels(self, labels: torch.Tensor | None, n: int, device: torch.device) -> torch.Tensor | None:

@@ -1,4 +1,4 @@
-"""LGT, latent geometric style transport (DESIGN.md "LGT", seed 001).
+"""LGT, latent geometric style transport.
 
 A velocity field v(x, t, c) (the engine's U-Net; c is a learned style embedding, the U-Net's class
 table, whose extra last row is the null condition) carries a source latent x_0 to a stylised x_1
@@ -9,8 +9,8 @@ One training row:
              with probability label_drop_prob the condition is null and the target is the row's
              own style (the unconditional field learns to keep a latent in its style)
     z_ref    a real latent of the target style from the style index, never the row's own source
-             latent (the seed's bug: z_ref = z_src makes both energies pull x_1 back to x_0, and
-             the model learns the identity)
+             latent (with z_ref = z_src both energies pull x_1 back to x_0, and the model learns
+             the identity)
     energy   w_style * PatchSWD(x_1, z_ref) + w_content * SSM(x_1, x_0)
              + w_vel * integral of mean ||v||^2 dt + w_div * integral of mean (Hutchinson div v)^2 dt
 
@@ -26,13 +26,15 @@ with the factor its latents were made with.
 from __future__ import annotations
 
 import warnings
-from pathlib import Path
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
+from tqdm import tqdm
 
-from engine.checkpoint import CheckpointError
 from engine.data.base import Batch, DataInfo
-from engine.methods.base import LossOutput, Method
+from engine.data.latents import LatentSource
+from engine.methods.base import LossOutput, Method, NotOwned
 from engine.methods.lgt_energy import (
     PatchSWD,
     SelfSimilarity,
@@ -41,49 +43,73 @@ from engine.methods.lgt_energy import (
     random_directions,
     random_probe,
 )
-from engine.methods.ode import integrate, integrate_with_aux
+from engine.methods.ode import SOLVERS, integrate, integrate_with_aux
+from engine.methods.sections import AutoencoderConfig, ModelConfig, PrepareConfig, check_prepare_sizes
 from engine.models.unet import UNet
+from engine.options import option
 
 TIME_SCALE = 1000.0  # t in [0, 1] -> the sinusoidal embedding's range (resolves ~1e-3 steps)
 TRANSFER_BATCH = 64  # rows per network call at inference (x2 with guidance)
 EVAL_SEED = 0  # fixed directions and subsets: evaluations of different runs are comparable
-EVAL_ROWS_PER_STYLE = 8  # when the data has no held-out split: the first rows of each style
 
 
-class NotOwned:
-    """A reference to something a module uses but does not own (the data set, the autoencoder):
-    invisible to state_dict and .to(), and shared rather than copied by copy.deepcopy (the EMA copy)."""
-
-    def __init__(self, value):
-        self.value = value
-
-    def __deepcopy__(self, memo):
-        return self
+# --------------------------------------------------------------------------- config sections
 
 
-class LatentDecoder:
-    """The autoencoder that made the latents, loaded from `path` on first use."""
+@dataclass
+class LGTConfig:
+    label_drop_prob: float = option(0.15, "probability the style condition is dropped to null (target = own style)")
+    w_style: float = option(1.0, "weight of the patch sliced-Wasserstein style energy")
+    w_content: float = option(1.0, "weight of the self-similarity (SSM) content energy")
+    w_vel: float = option(0.0, "weight of the mean squared velocity regulariser (0 = off)")
+    w_div: float = option(0.0, "weight of the squared Hutchinson divergence regulariser (0 = off)")
+    cfg_scale: float = option(2.0, "classifier-free guidance scale at inference")
+    div_probe: str = option("rademacher", "Hutchinson probe of the divergence regulariser",
+                            ("rademacher", "gaussian"))
+    holdout_per_style: int = option(8, "latents per style held out of training for the end-of-training "
+                                    "evaluation (0 = evaluate on training latents)")
 
-    def __init__(self, path: str | None):
-        self.path = path
-        self._model = None
-        self.warned = False
+    def validate(self, check):
+        check(0 <= self.label_drop_prob <= 1, "label_drop_prob", "must be in [0, 1]")
+        for key in ("w_style", "w_content", "w_vel", "w_div"):
+            check(getattr(self, key) >= 0, key, "must be >= 0")
+        check(self.w_style + self.w_content + self.w_vel + self.w_div > 0, "w_style",
+              "and every other weight are 0: nothing to train")
+        check(self.holdout_per_style >= 0, "holdout_per_style", "must be >= 0")
 
-    def load(self, device: torch.device) -> torch.nn.Module:
-        """The autoencoder on `device`; FileNotFoundError / ValueError saying what is missing."""
-        if not self.path:
-            raise FileNotFoundError("this LGT run does not know which autoencoder made its latents; set "
-                                    "lgt.autoencoder (or pass --autoencoder) to its run directory")
-        if self._model is None:
-            from engine.models.autoencoder import load_autoencoder
 
-            try:
-                self._model, _ = load_autoencoder(self.path, device)
-            except FileNotFoundError as err:
-                raise FileNotFoundError(f"the autoencoder that made this run's latents is missing ({err}); "
-                                        f"pass its run directory with --autoencoder (engine-transfer) or "
-                                        f"set lgt.autoencoder") from err
-        return self._model.to(device)
+@dataclass
+class ODEConfig:
+    solver: str = option("euler", "fixed-step solver of the transport ODE", tuple(SOLVERS))
+    steps: int = option(4, "solver steps over t in [0, 1]")
+    checkpoint: bool = option(True, "checkpoint every solver step: memory flat in the number of steps")
+
+    def validate(self, check):
+        check(self.steps >= 1, "steps", "must be >= 1")
+
+
+@dataclass
+class SWDConfig:
+    num_projections: int = option(64, "random unit directions P, redrawn every step")
+    kernel_size: int = option(3, "patch side k (odd)")
+    per_sample: bool = option(True, "stratified per-sample SWD (kernels.patch_swd); false = global pool")
+    max_samples: int = option(8192, "patches drawn from the pooled batch by the global variant")
+
+    def validate(self, check):
+        check(self.num_projections >= 1, "num_projections", "must be >= 1")
+        check(self.kernel_size >= 1 and self.kernel_size % 2 == 1, "kernel_size", "must be odd and >= 1")
+        check(self.max_samples >= 1, "max_samples", "must be >= 1")
+
+
+@dataclass
+class SSMConfig:
+    max_spatial_samples: int = option(256, "positions drawn per step for the Gram loss (0 = all)")
+
+    def validate(self, check):
+        check(self.max_spatial_samples >= 0, "max_spatial_samples", "must be >= 0")
+
+
+# --------------------------------------------------------------------------- one training row
 
 
 def draw_targets(source_style: torch.Tensor, num_styles: int, drop_prob: float
@@ -123,20 +149,14 @@ def sample_style_reference(latents: torch.Tensor, index, target: torch.Tensor, s
     return latents[index.rows[first + rank]].float()
 
 
-def latent_channels_as_images(latents: torch.Tensor) -> torch.Tensor:
-    """Latents [N, C, h, w] -> pictures in [-1, 1] without an autoencoder: the first 3 channels as
-    RGB (1 channel as grey when C < 3), divided by the largest magnitude in the whole set."""
-    pictures = latents[:, :3] if latents.shape[1] >= 3 else latents[:, :1]
-    pictures = pictures.float()
-    return pictures / pictures.abs().amax().clamp_min(1e-8)
-
-
 class LGT(Method):
     name = "lgt"
+    config_sections: ClassVar[dict[str, type]] = {"model": ModelConfig, "lgt": LGTConfig, "ode": ODEConfig, "swd": SWDConfig,
+                       "ssm": SSMConfig, "autoencoder": AutoencoderConfig, "prepare": PrepareConfig}
+    trains_on_latents = True
 
     def __init__(self, unet: UNet, latent_shape: tuple[int, int, int], class_names: list[str], lgt_cfg,
-                 ode_cfg, swd_cfg, ssm_cfg, data=None, autoencoder_path: str | None = None,
-                 scaling_factor: float = 0.0):
+                 ode_cfg, swd_cfg, ssm_cfg, data: LatentSource | None = None, scaling_factor: float = 0.0):
         super().__init__()
         if len(class_names) < 2:
             raise ValueError(f"LGT transports between styles: it needs at least 2 styles, got {class_names}")
@@ -155,44 +175,36 @@ class LGT(Method):
         self.content_energy = SelfSimilarity(ssm_cfg.max_spatial_samples)
         self.register_buffer("scaling_factor", torch.tensor(float(scaling_factor)))
         self._data = NotOwned(data)
-        self._decoder = NotOwned(LatentDecoder(autoencoder_path))
 
     @classmethod
-    def training_data(cls, cfg, world, device: torch.device):
-        """LGT trains on latents (see `build_lgt_data`). Under torchrun, rank 0 prepares the built-in
-        latents alone (training the autoencoder in-process, not distributed) while the others wait,
-        then every rank loads the cached file."""
-        if world.size > 1 and cfg.data.source == "builtin:textures":
-            from engine.data.latents import prepare_builtin_latents
-
-            if world.is_main:
-                prepare_builtin_latents(cfg)
-            world.barrier()
-        return build_lgt_data(cfg, world.rank, device)
+    def validate_config(cls, cfg, check) -> None:
+        check_prepare_sizes(cfg, check)
 
     @classmethod
-    def from_config(cls, cfg, data) -> LGT:
+    def training_data(cls, cfg, rank: int, world_size: int, device: torch.device) -> LatentSource:
+        """The latents of data.source (built-in images were turned into a latents file by the
+        preparation stage). With lgt.holdout_per_style > 0 the first that many latents of every style
+        are held out of training, as `.heldout` (a Batch) for `evaluate`."""
+        source = super().training_data(cfg, rank, world_size, device)
+        if not isinstance(source, LatentSource):
+            raise ValueError(f"LGT trains on latents: data.source = {cfg.data.source!r} must be 'latents:PATH' "  # noqa: TRY004 - a config error
+                             f"(from engine-encode), or 'builtin:textures' turned into latents by the "
+                             f"preparation stage (engine.prepare.prepare, which engine-train runs first)")
+        if cfg.lgt.holdout_per_style > 0:
+            source, heldout = source.split_holdout(cfg.lgt.holdout_per_style)
+            source.heldout = heldout
+        return source
+
+    @classmethod
+    def from_config(cls, cfg, data: LatentSource | DataInfo) -> LGT:
         """`data`: the training LatentSource, or a DataInfo (opened from a checkpoint: no data)."""
         channels, side = data.sample_shape[0], data.sample_shape[1]
         unet = UNet.from_config(cfg.model, channels, channels, len(data.class_names), side)
         sections = (data.sample_shape, data.class_names, cfg.lgt, cfg.ode, cfg.swd, cfg.ssm)
-        if hasattr(data, "style_index"):
+        if isinstance(data, LatentSource):
             _check_styles(data)
-            return cls(unet, *sections, data=data, autoencoder_path=data.autoencoder.path,
-                       scaling_factor=data.scaling_factor)
-        if not isinstance(data, DataInfo):
-            raise ValueError(f"LGT trains on latents: data.source = {cfg.data.source!r} gave a "  # noqa: TRY004 - a config error
-                             f"{type(data).__name__}; use data.source = 'latents:PATH' (from engine-encode) "
-                             f"or 'builtin:textures' (prepared into latents)")
-        return cls(unet, *sections, autoencoder_path=autoencoder_path_from_config(cfg))
-
-    def autoencoder(self, device: torch.device) -> torch.nn.Module:
-        """The autoencoder that made the latents (loaded on first use; never part of the weights)."""
-        return self._decoder.value.load(device)
-
-    def use_autoencoder(self, path: str) -> None:
-        """Decode with the autoencoder at `path` (run / checkpoint directory) instead of the recorded one."""
-        self._decoder.value = LatentDecoder(path)
+            return cls(unet, *sections, data=data, scaling_factor=data.scaling_factor)
+        return cls(unet, *sections)
 
     # ------------------------------------------------------------------ the velocity field
 
@@ -264,27 +276,6 @@ class LGT(Method):
                for x0, s in zip(content.split(batch_size), styles.split(batch_size))]
         return torch.cat(out)
 
-    def latents_to_images(self, latents: torch.Tensor, strict: bool = False) -> torch.Tensor:
-        """Pictures [N, 3, H, W] in [-1, 1] decoded by the autoencoder that made the latents; without one
-        (e.g. synthetic latents) the latent channels themselves, unless `strict` (then the error)."""
-        from engine.models.autoencoder import decode_to_images
-
-        decoder = self._decoder.value
-        scaling_factor = float(self.scaling_factor)
-        try:
-            if not scaling_factor > 0:
-                raise ValueError("the latent scaling factor is unknown (0): this method was not built from "
-                                 "a latents file nor loaded from an LGT checkpoint")
-            return decode_to_images(self.autoencoder(latents.device), latents, scaling_factor)
-        except (FileNotFoundError, ValueError, ImportError, CheckpointError) as err:
-            if strict:
-                raise
-            if not decoder.warned:
-                warnings.warn(f"LGT pictures show latent channels: cannot decode with the autoencoder "
-                              f"({err})", stacklevel=2)
-                decoder.warned = True
-            return latent_channels_as_images(latents)
-
     @torch.no_grad()
     def style_grid(self, content_latents: torch.Tensor, styles: list[int], cfg_scale: float | None = None,
                    steps: int | None = None, solver: str | None = None, strict: bool = False
@@ -297,7 +288,7 @@ class LGT(Method):
                                  solver)
         cells = torch.cat([content_latents.float()[:, None],
                            stylised.view(n, k, *content_latents.shape[1:])], dim=1)  # [n, 1 + k, C, H, W]
-        return self.latents_to_images(cells.flatten(0, 1), strict), 1 + k
+        return self.latents_to_images(cells.flatten(0, 1), float(self.scaling_factor), strict), 1 + k
 
     @torch.no_grad()
     def sample_grid(self, batch: Batch, generator: torch.Generator) -> tuple[torch.Tensor, int]:
@@ -308,18 +299,20 @@ class LGT(Method):
     # ------------------------------------------------------------------ evaluation
 
     @torch.no_grad()
-    def evaluate(self, data) -> dict[str, float]:
-        """Per style s, on held-out content latents of the other styles transported to s (guided):
+    def evaluate(self, data: LatentSource, per_class: int, progress: bool = True) -> dict[str, float]:
+        """Per style s, on `per_class` held-out content latents of the other styles transported to s
+        (guided), against `per_class` real latents of s:
 
-            swd_before/s  global patch SWD between the contents and real latents of s
+            swd_before/s  global patch SWD between the contents and the real latents of s
             swd_after/s   the same for the transported latents (lower: closer to style s)
             ssm/s         SSM distance between the transported latents and their contents
 
-        Fixed seed, directions and subsets, so the numbers of different runs compare."""
-        if not hasattr(data, "style_index"):
-            raise ValueError("LGT evaluation needs the run's latents (a LatentSource), not only its "
+        It transports K x per_class latents. Fixed seed, directions and subsets, so the numbers of
+        different runs compare."""
+        if not isinstance(data, LatentSource):
+            raise ValueError("LGT evaluation needs the run's latents (a LatentSource), not only its "  # noqa: TRY004
                              "data info")
-        contents, content_styles = evaluation_latents(data)
+        contents, content_styles = evaluation_latents(data, per_class)
         device = self.scaling_factor.device
         contents, content_styles = contents.to(device), content_styles.to(device)
         swd, ssm = self.style_energy, self.content_energy
@@ -330,10 +323,13 @@ class LGT(Method):
         patch_size = contents.shape[1] * swd.kernel_size ** 2
         theta = random_directions(swd.num_projections, patch_size, device, seeded())
         results = {}
-        for style, name in enumerate(self.class_names):
-            content = contents[content_styles != style]
-            if content.shape[0] == 0:
+        for style, name in enumerate(tqdm(self.class_names, desc="evaluating", unit="style",
+                                          dynamic_ncols=True, disable=not progress, leave=False)):
+            candidates = contents[content_styles != style]
+            if candidates.shape[0] == 0:
                 continue
+            pick = torch.randperm(candidates.shape[0], generator=seeded(torch.device("cpu")))[:per_class]
+            content = candidates[pick.to(device)]
             targets = torch.full((content.shape[0],), style, device=data.latents.device)
             real = data.latents[data.style_index.sample_rows_of(targets, seeded(data.latents.device))]
             real = real.to(device).float()
@@ -346,33 +342,14 @@ class LGT(Method):
         return results
 
 
-def build_lgt_data(cfg, rank: int = 0, device: str | torch.device = "cpu", may_prepare: bool = True):
-    """The LatentSource an LGT run trains on: data.source = 'latents:PATH', or 'builtin:textures'
-    encoded once into cached latents (`prepare_builtin_latents`). With lgt.holdout_per_style > 0 the
-    first that many latents of every style are held out of it, as `.heldout` (a Batch) for `evaluate`."""
-    from engine.data.latents import LatentSource, prepare_builtin_latents
-
-    kind, _, path = cfg.data.source.partition(":")
-    if cfg.data.source == "builtin:textures":
-        path = prepare_builtin_latents(cfg, may_prepare)
-    elif kind != "latents" or not path:
-        raise ValueError(f"LGT trains on latents: data.source = {cfg.data.source!r} must be 'latents:PATH' "
-                         f"(from engine-encode) or 'builtin:textures' (encoded into cached latents)")
-    source = LatentSource.load(path, cfg.run.seed, rank, device)
-    if cfg.lgt.holdout_per_style > 0:
-        source, heldout = source.split_holdout(cfg.lgt.holdout_per_style)
-        source.heldout = heldout
-    return source
-
-
-def evaluation_latents(data) -> tuple[torch.Tensor, torch.Tensor]:
+def evaluation_latents(data: LatentSource, per_class: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(latents fp32, styles) to evaluate on: the data's held-out split (`data.heldout`, a Batch) when
-    it has one, else the first EVAL_ROWS_PER_STYLE rows of every style (then seen in training)."""
+    it has one, else the first `per_class` rows of every style (then seen in training)."""
     heldout = getattr(data, "heldout", None)
     if heldout is not None:
         return heldout.x.float(), heldout.labels
     index = data.style_index
-    rows = torch.cat([index.rows_of(style)[:EVAL_ROWS_PER_STYLE] for style in range(index.num_labels)])
+    rows = torch.cat([index.rows_of(style)[:per_class] for style in range(index.num_labels)])
     return data.latents[rows].float(), data.labels[rows]
 
 
@@ -400,26 +377,3 @@ def _distinct_per_style(data) -> list[int]:
         rows = data.latents[index.rows[offset:offset + count]].flatten(1)
         distinct.append(int(torch.unique(rows, dim=0).shape[0]) if count else 0)
     return distinct
-
-
-def autoencoder_path_from_config(cfg) -> str | None:
-    """Where the autoencoder that made a run's latents is, from its config alone (no data loaded):
-    the latents file's record for data.source = 'latents:PATH' (else lgt.autoencoder), for
-    'builtin:textures' lgt.autoencoder or the built-in one in run.cache_dir. None when unknown."""
-    kind, _, path = cfg.data.source.partition(":")
-    if kind == "latents":
-        from safetensors import SafetensorError, safe_open
-
-        try:
-            with safe_open(path, framework="pt") as f:
-                recorded = (f.metadata() or {}).get("autoencoder")
-        except (SafetensorError, OSError):
-            recorded = None
-        return recorded or cfg.lgt.autoencoder or None
-    if cfg.lgt.autoencoder:
-        return cfg.lgt.autoencoder
-    if cfg.data.source == "builtin:textures":
-        from engine.data.latents import builtin_autoencoder_config
-
-        return str(Path(builtin_autoencoder_config(cfg).run.dir))
-    return None

@@ -25,12 +25,6 @@ import kernels
 Tensor = torch.Tensor
 
 
-def kernel_backend(x: Tensor) -> str:
-    """The fused kernels on the GPU; the torch reference on CPU. Under TRITON_INTERPRET=1 (the tests)
-    "auto" would interpret the Triton kernels, far too slow inside a training step."""
-    return "auto" if x.is_cuda else "torch"
-
-
 @contextmanager
 def fp32_region(device: torch.device):
     """Autocast off for the enclosed maths; callers cast their inputs with .float()."""
@@ -100,7 +94,7 @@ class PatchSWD:
             theta = random_directions(self.num_projections, x.shape[1] * self.kernel_size ** 2, x.device,
                                       generator)
             if self.per_sample:
-                return kernels.patch_swd(x, y, theta, self.kernel_size, backend=kernel_backend(x))
+                return kernels.patch_swd(x, y, theta, self.kernel_size)
             return global_patch_swd(x, y, theta, self.kernel_size, self.max_samples, generator)
 
 
@@ -115,7 +109,7 @@ class SelfSimilarity:
         with fp32_region(x.device):
             x, y = x.float(), y.float()
             index = random_subset(x.shape[2] * x.shape[3], self.max_spatial_samples, x.device, generator)
-            return kernels.ssm_loss(x, y, index, backend=kernel_backend(x))
+            return kernels.ssm_loss(x, y, index)
 
 
 def random_probe(like: Tensor, kind: str = "rademacher") -> Tensor:

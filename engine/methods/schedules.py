@@ -88,7 +88,7 @@ class NoiseSchedule(nn.Module):
 
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) noise, for x0, noise [B, ...], t [B] long."""
-        # The buffers already hold the square roots (seed 002's bug took .sqrt() of them again).
+        # The buffers already hold the square roots: taking .sqrt() of them again is a classic bug.
         a = extract(self.sqrt_alphas_cumprod, t, x0.dim())
         s = extract(self.sqrt_one_minus_alphas_cumprod, t, x0.dim())
         return a * x0 + s * noise

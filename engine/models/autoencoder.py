@@ -5,7 +5,7 @@
   3x3 downsample, a mid block (ResBlock, self-attention, ResBlock), GroupNorm-SiLU, conv to
   2 * latent_channels (mean, log-variance), 1x1 quant_conv. The decoder mirrors it with nearest
   upsampling. `encode(x) -> DiagonalGaussian`, `decode(z) -> x`.
-- `LinearAutoencoder`: the 784 -> 128 -> 784 one of seed 000, for flat data (any [C, H, W] is
+- `LinearAutoencoder`: a 784 -> 128 -> 784 one for flat data such as 28x28 digits (any [C, H, W] is
   flattened). Its latents are shaped [B, latent_dim, 1, 1] so that they fit the [C, H, W] sample
   shape every data source uses.
 
@@ -17,18 +17,13 @@ of all the latents it encodes and writes that value into the latents file, which
 decoders read back (`decode_to_images(autoencoder, latents, file.scaling_factor)`). Set the
 buffer (> 0) to pin a factor; a diffusers VAE brings its config's value.
 
-`load_autoencoder(path)` opens an engine-train run / checkpoint of method "autoencoder" (EMA
-weights) or a LOCAL diffusers AutoencoderKL directory (diffusers imported only then; nothing is
-ever downloaded), and returns it with its identity (path + short weights hash).
+Loading a trained or pretrained one from disk is engine/autoencoders.py's work: this module only
+defines the networks.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
-from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -236,117 +231,6 @@ def build_autoencoder(cfg, image_shape: tuple[int, int, int]) -> AutoencoderKL |
     return model
 
 
-# --------------------------------------------------------------------------- pretrained ones
-
-AUTOENCODER_HINT = ("pass the run directory of an autoencoder training (method.name = 'autoencoder'), one "
-                    "of its checkpoints/step-N directories, or a local directory holding a diffusers "
-                    "AutoencoderKL (config.json + weights); hub ids are never downloaded")
-
-
-class DiffusersAutoencoder(nn.Module):
-    """A diffusers `AutoencoderKL` behind the same encode / decode / scaling_factor interface."""
-
-    def __init__(self, vae: nn.Module):
-        super().__init__()
-        config = vae.config
-        if getattr(config, "shift_factor", None):
-            raise ValueError(f"diffusers autoencoder with shift_factor = {config.shift_factor} (SD3 / FLUX "
-                             f"style) is not supported: latents files store a scaling factor only")
-        self.vae = vae
-        self.in_channels = config.in_channels
-        self.latent_channels = config.latent_channels
-        self.downsampling = 2 ** (len(config.block_out_channels) - 1)
-        self.register_buffer("scaling_factor", torch.tensor(float(config.scaling_factor)))
-
-    latent_shape = AutoencoderKL.latent_shape
-
-    def encode(self, x: torch.Tensor) -> DiagonalGaussian:
-        self.latent_shape(tuple(x.shape[1:]))
-        posterior = self.vae.encode(x).latent_dist
-        return DiagonalGaussian(posterior.mean, posterior.logvar)
-
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        return self.vae.decode(z).sample
-
-
-def load_diffusers_autoencoder(path: str | Path) -> DiffusersAutoencoder:
-    """A diffusers AutoencoderKL from a LOCAL directory (a VAE folder, or a pipeline with vae/)."""
-    path = Path(path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"diffusers autoencoder: {path} is not an existing local directory; only "
-                                f"local directories are loaded (nothing is downloaded from the hub): "
-                                f"download the model yourself and pass its folder")
-    if (path / "vae" / "config.json").is_file():
-        path = path / "vae"
-    if not (path / "config.json").is_file():
-        raise ValueError(f"diffusers autoencoder: {path} has no config.json; pass the folder that holds the "
-                         f"AutoencoderKL's config.json and diffusion_pytorch_model.safetensors")
-    try:
-        from diffusers import AutoencoderKL as DiffusersAutoencoderKL
-    except ImportError as err:
-        raise ImportError(f"loading the diffusers autoencoder in {path} needs the optional package "
-                          f"diffusers (pip install diffusers); it is not installed") from err
-    return DiffusersAutoencoder(DiffusersAutoencoderKL.from_pretrained(path, local_files_only=True))
-
-
-def is_diffusers_directory(path: Path) -> bool:
-    for config in (path / "config.json", path / "vae" / "config.json"):
-        if config.is_file():
-            try:
-                return json.loads(config.read_text()).get("_class_name") == "AutoencoderKL"
-            except (json.JSONDecodeError, OSError, AttributeError):
-                return False
-    return False
-
-
-def load_engine_autoencoder(path: str | Path) -> AutoencoderKL | LinearAutoencoder:
-    """The EMA weights of an autoencoder trained by engine-train (run dir or step-N dir)."""
-    from engine.checkpoint import open_checkpoint  # the checkpoint layer is only needed here
-
-    path = Path(path)
-    if path.is_file():  # .../step-N/model.safetensors or ema.safetensors: its checkpoint directory
-        path = path.parent
-    checkpoint = open_checkpoint(path)
-    cfg = checkpoint.config()
-    if cfg.method.name != "autoencoder":
-        raise ValueError(f"{checkpoint.path} was trained with method.name = {cfg.method.name!r}, not "
-                         f"'autoencoder'; {AUTOENCODER_HINT}")
-    model = build_autoencoder(cfg.autoencoder, tuple(checkpoint.data_info()["sample_shape"]))
-    prefix = "autoencoder."
-    state = {k[len(prefix):]: v for k, v in checkpoint.model_state(ema=True).items() if k.startswith(prefix)}
-    model.load_state_dict(state)
-    return model
-
-
-@dataclass(frozen=True)
-class AutoencoderIdentity:
-    """Which autoencoder made a set of latents: where it was loaded from and a hash of its weights."""
-
-    path: str
-    weights_hash: str
-
-
-def weights_hash(module: nn.Module) -> str:
-    """A short SHA-256 of a module's state_dict (names, dtypes, shapes and bytes)."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
-        tensor = tensor.detach().to("cpu").contiguous().reshape(-1)
-        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
-        digest.update(tensor.view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()[:16]
-
-
-def load_autoencoder(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, AutoencoderIdentity]:
-    """(autoencoder in eval mode without gradients, its identity) from an engine run / checkpoint
-    directory or a local diffusers AutoencoderKL directory."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"autoencoder not found: {path}; {AUTOENCODER_HINT}")
-    model = load_diffusers_autoencoder(path) if is_diffusers_directory(path) else load_engine_autoencoder(path)
-    model = model.to(device).eval().requires_grad_(False)
-    return model, AutoencoderIdentity(str(path.resolve()), weights_hash(model))
-
-
 # --------------------------------------------------------------------------- latents -> pictures
 
 
@@ -365,11 +249,3 @@ def decode_to_images(autoencoder: nn.Module, latents: torch.Tensor, scaling_fact
     chunks = [autoencoder.decode(chunk.to(device).float() / scaling_factor).float().clamp(-1, 1)
               for chunk in latents.split(batch_size)]
     return torch.cat(chunks)
-
-
-def save_latents_grid(autoencoder: nn.Module, latents: torch.Tensor, scaling_factor: float,
-                      path: str | Path, nrow: int) -> None:
-    """Decode scaled latents and write them as one PNG grid (`nrow` pictures per row)."""
-    from engine.pictures import save_grid
-
-    save_grid(decode_to_images(autoencoder, latents, scaling_factor), path, nrow)

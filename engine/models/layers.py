@@ -23,11 +23,8 @@ class GroupNorm(nn.GroupNorm):
 
     def forward(self, x: torch.Tensor, scale: torch.Tensor | None = None,
                 shift: torch.Tensor | None = None) -> torch.Tensor:
-        # The fused kernel on the GPU, the torch reference on CPU: under TRITON_INTERPRET=1 (the
-        # tests) "auto" would interpret the Triton kernel, far too slow for a whole network.
-        backend = "auto" if x.is_cuda else "torch"
         return kernels.group_norm_film_silu(x, self.num_groups, self.weight, self.bias, scale, shift,
-                                            eps=self.eps, act=self.act, backend=backend)
+                                            eps=self.eps, act=self.act)
 
 
 class Upsample(nn.Module):

@@ -9,8 +9,7 @@ Every encoder output (the input conv's included) is a skip that one decoder bloc
 as in ADM. Attention sits wherever the feature-map side is in `attention_resolutions`, the middle
 block included. The conditioning vector emb [B, 4 * channels] = MLP(sinusoidal(t)) + class row
 (the last row of the class table is the NULL class for classifier-free guidance) modulates every
-ResBlock through FiLM. Wrappers that condition on more (a style embedding, a second time) add
-their vector to `embed(t, labels)` and call `forward_with_embedding(x, emb)`.
+ResBlock through FiLM.
 
 Normalisations go through `kernels.group_norm_film_silu` (the fused GroupNorm -> FiLM -> SiLU);
 the zero-initialised last conv of each residual branch and of the head makes a fresh network an
@@ -27,7 +26,6 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint as checkpoint_block
 
 import kernels
-from engine.config import ModelConfig
 from engine.models.embeddings import ClassEmbedding, TimestepEmbedding
 from engine.models.layers import GroupNorm, Upsample
 
@@ -153,8 +151,9 @@ class UNet(nn.Module):
         self.out_conv = zero_init(nn.Conv2d(ch, out_channels, 3, padding=1))
 
     @classmethod
-    def from_config(cls, model_cfg: ModelConfig, in_channels: int, out_channels: int, num_classes: int,
+    def from_config(cls, model_cfg, in_channels: int, out_channels: int, num_classes: int,
                     image_size: int) -> UNet:
+        """The U-Net a [model] config section describes (engine.methods.sections.ModelConfig)."""
         return cls(in_channels, out_channels, model_cfg.channels, model_cfg.channel_mult,
                    model_cfg.num_res_blocks, model_cfg.attention_resolutions, model_cfg.num_heads,
                    model_cfg.num_groups, model_cfg.dropout, num_classes, image_size, model_cfg.checkpoint)
@@ -175,11 +174,8 @@ class UNet(nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         """x [B, in, H, W], t [B], labels [B] or None -> [B, out, H, W]."""
-        return self.forward_with_embedding(x, self.embed(t, labels))
-
-    def forward_with_embedding(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        """x [B, in, H, W], emb [B, time_embed_dim] (from `embed`, plus anything a wrapper adds)."""
-        self._check_inputs(x, emb)
+        self._check_inputs(x)
+        emb = self.embed(t, labels)
         h = self.input_conv(x)
         skips = [h]
         for block in self.down_blocks:
@@ -197,12 +193,10 @@ class UNet(nn.Module):
             return checkpoint_block(block, h, emb, use_reentrant=False)
         return block(h, emb)
 
-    def _check_inputs(self, x: torch.Tensor, emb: torch.Tensor) -> None:
+    def _check_inputs(self, x: torch.Tensor) -> None:
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"UNet expects x of shape [B, {self.in_channels}, H, W], got {tuple(x.shape)}")
         factor = 2 ** (self.num_levels - 1)
         if x.shape[2] % factor or x.shape[3] % factor:
             raise ValueError(f"UNet input sides {tuple(x.shape[2:])} must be divisible by {factor} "
                              f"({self.num_levels} levels)")
-        if emb.shape != (x.shape[0], self.time_embed_dim):
-            raise ValueError(f"emb must have shape [{x.shape[0]}, {self.time_embed_dim}], got {tuple(emb.shape)}")

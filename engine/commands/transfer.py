@@ -3,7 +3,7 @@
     engine-transfer --checkpoint RUN --content IMG_OR_DIR --style all|ID|NAME[,...] [--cfg 2.0]
                     [--out transfer.png] [--steps N] [--solver euler|heun|rk4] [--device auto]
     engine-transfer --checkpoint RUN --content-latents latents.safetensors [--rows 0,5,9] ...
-    engine-transfer --checkpoint RUN --eval
+    engine-transfer --checkpoint RUN --eval [--per-class N] [--device auto]
 
 Content images are resized (shorter side) and centre-cropped to the side the run's latents come
 from, encoded with the autoencoder that made the run's latents (posterior mean x scaling factor),
@@ -19,19 +19,31 @@ from pathlib import Path
 
 import torch
 
+from engine.commands import (
+    UsageError,
+    add_device_argument,
+    at_least,
+    non_negative_float,
+    run_command,
+)
 from engine.data.base import class_ids
+from engine.data.images import IMAGE_SUFFIXES
+from engine.data.latents import read_latents
+from engine.pictures import load_image, save_grid
+from engine.runs import load_run
 
+PROG = "engine-transfer"
 DEFAULT_LATENT_ROWS = 8  # rows drawn from a latents file when --rows is not given
 ENCODE_BATCH = 16  # content images encoded at once
 
 
-class TransferError(Exception):
-    """A problem with the command line or its inputs, reported as one line."""
+class TransferError(ValueError):
+    """A problem with the inputs of a transfer (exit 1), reported as one line."""
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="engine-transfer",
+        prog=PROG,
         description="Transfer styles with a trained LGT run and save a grid (rows: contents; columns: the "
                     "content, then each style), or print the run's evaluation.")
     parser.add_argument("--checkpoint", required=True,
@@ -45,15 +57,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--rows", help="with --content-latents: comma-separated row numbers (default: "
                                        f"{DEFAULT_LATENT_ROWS} rows drawn with --seed)")
     parser.add_argument("--style", default="all", help="'all', or comma-separated style ids or names")
-    parser.add_argument("--cfg", type=float, default=None,
+    parser.add_argument("--cfg", type=non_negative_float, default=None,
                         help="classifier-free guidance scale (default: lgt.cfg_scale of the run)")
-    parser.add_argument("--steps", type=int, default=None,
+    parser.add_argument("--steps", type=at_least(1), default=None,
                         help="solver steps (default: ode.steps of the run)")
     parser.add_argument("--solver", choices=("euler", "heun", "rk4"), default=None,
                         help="ODE solver (default: ode.solver of the run)")
     parser.add_argument("--out", default="transfer.png", help="PNG grid to write")
-    parser.add_argument("--device", default="auto", help="auto (GPU when there is one) | cpu | cuda[:N]")
+    add_device_argument(parser)
     parser.add_argument("--seed", type=int, default=0, help="seed of the rows drawn from --content-latents")
+    parser.add_argument("--per-class", type=at_least(1), default=None,
+                        help="with --eval: contents transported into each style (default: eval.per_class of "
+                             "the run)")
     parser.add_argument("--autoencoder", help="decode/encode with this autoencoder instead of the one that "
                                               "made the run's latents")
     parser.add_argument("--raw-weights", action="store_true", help="use the raw weights instead of the EMA")
@@ -67,29 +82,7 @@ def parse_styles(text: str, class_names: list[str]) -> list[int]:
     return class_ids(text, class_names, "--style (or 'all')")
 
 
-def load_lgt(checkpoint_path: str, device: torch.device, raw_weights: bool, autoencoder: str | None):
-    """(LGT method in eval mode on `device`, its config, the checkpoint)."""
-    from engine.checkpoint import open_checkpoint
-    from engine.data.base import DataInfo
-    from engine.methods.lgt import LGT
-
-    checkpoint = open_checkpoint(checkpoint_path)
-    cfg = checkpoint.config()
-    if cfg.method.name != "lgt":
-        raise TransferError(f"{checkpoint.path} is not an LGT run (method.name = {cfg.method.name!r}); "
-                            f"engine-transfer needs a run trained with method.name = 'lgt' (diffusion runs: "
-                            f"engine-sample)")
-    info = checkpoint.data_info()
-    method = LGT.from_config(cfg, DataInfo(tuple(info["sample_shape"]), info["class_names"]))
-    method.load_state_dict(checkpoint.model_state(ema=not raw_weights))
-    if autoencoder:
-        method.use_autoencoder(autoencoder)
-    return method.to(device).eval(), cfg, checkpoint
-
-
 def list_images(path: Path) -> list[Path]:
-    from engine.data.images import IMAGE_SUFFIXES
-
     if path.is_dir():
         images = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
         if not images:
@@ -103,9 +96,7 @@ def list_images(path: Path) -> list[Path]:
 @torch.no_grad()
 def encode_images(method, paths: list[Path], device: torch.device) -> torch.Tensor:
     """Content images -> scaled latents [N, C, h, w] of the run's shape, with the run's autoencoder."""
-    from engine.pictures import load_image
-
-    autoencoder = method.autoencoder(device)
+    autoencoder = method.attached_autoencoder().to(device)
     latent_side = method.latent_shape[1]
     side = latent_side * getattr(autoencoder, "downsampling", 0)
     if side == 0:
@@ -128,8 +119,6 @@ def encode_images(method, paths: list[Path], device: torch.device) -> torch.Tens
 
 def read_content_latents(path: str, rows: str | None, seed: int, shape: tuple, device: torch.device
                          ) -> torch.Tensor:
-    from engine.data.latents import read_latents
-
     data = read_latents(path)
     count = data.latents.shape[0]
     if rows:
@@ -161,16 +150,13 @@ def print_evaluation(results: dict[str, float]) -> None:
                                                 for k in ("swd_before", "swd_after", "ssm")))
 
 
-def run(args: argparse.Namespace) -> None:
-    from engine.distributed import resolve_device
-
-    device = resolve_device(args.device)
-    method, cfg, checkpoint = load_lgt(args.checkpoint, device, args.raw_weights, args.autoencoder)
+def transfer(args: argparse.Namespace) -> None:
+    run = load_run(args.checkpoint, args.device, ema=not args.raw_weights, autoencoder=args.autoencoder,
+                   methods=("lgt",), hint=" (diffusion runs: engine-sample)")
+    method, device = run.method, run.device
     if args.eval:
-        from engine.methods.lgt import build_lgt_data
-
-        print(f"evaluating step {checkpoint.step} of {args.checkpoint} on {cfg.data.source}")
-        print_evaluation(method.evaluate(build_lgt_data(cfg, 0, device, may_prepare=False)))
+        print(f"evaluating step {run.step} of {args.checkpoint} on {run.config.data.source}")
+        print_evaluation(method.evaluate(run.training_data(), args.per_class or run.config.eval.per_class))
         return
     styles = parse_styles(args.style, method.class_names)
     if args.content:
@@ -185,28 +171,24 @@ def run(args: argparse.Namespace) -> None:
     solver, steps = args.solver or method.solver, args.steps or method.steps
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
         images, nrow = method.style_grid(content, styles, cfg_scale, steps, solver, strict=True)
-    from engine.pictures import save_grid
-
     save_grid(images, Path(args.out), nrow)
     style_names = ", ".join(method.class_names[s] for s in styles)
     print(f"wrote {args.out}: {content.shape[0]} content(s) ({', '.join(names)}) x {len(styles)} style(s) "
-          f"({style_names}), cfg {cfg_scale}, {solver} x {steps} steps, step {checkpoint.step} of "
+          f"({style_names}), cfg {cfg_scale}, {solver} x {steps} steps, step {run.step} of "
           f"{args.checkpoint}")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.rows and not args.content_latents:
-        print("engine-transfer: error: --rows only applies with --content-latents", file=sys.stderr)
-        return 2
-    from engine.checkpoint import CheckpointError
 
-    try:
-        run(args)
-    except (TransferError, CheckpointError, FileNotFoundError, ValueError, ImportError) as err:
-        print(f"engine-transfer: error: {err}", file=sys.stderr)
-        return 1
-    return 0
+    def body() -> None:
+        if args.rows and not args.content_latents:
+            raise UsageError("--rows only applies with --content-latents")
+        if args.per_class and not args.eval:
+            raise UsageError("--per-class only applies with --eval")
+        transfer(args)
+
+    return run_command(PROG, body)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,51 @@
+"""engine-train: train (or resume: run the same command again) the run a TOML config describes.
+
+    engine-train CONFIG.toml [--section.key=value ...] [--print-config]
+
+config -> preparation (built-in data made into files, cached) -> training. Under torchrun every
+process runs this; preparation happens before the process group exists (see engine/prepare.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from engine.commands import EXIT_INTERRUPTED, run_command
+from engine.config import describe_options, load_config, with_absolute_paths
+from engine.distributed import World
+from engine.prepare import prepare
+from engine.train import train
+
+PROG = "engine-train"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG, description="Train (or resume: run the same command again) the run a TOML config describes.",
+        epilog="Any config key can be overridden as --section.key=value. Keys (a method's sections apply "
+               "when method.name selects it):\n" + describe_options(),
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("config", help="TOML config file, e.g. configs/lgt_4070.toml")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, overrides = build_parser().parse_known_args(argv)
+
+    def body() -> int:
+        cfg = with_absolute_paths(load_config(args.config, overrides))
+        if args.print_config:
+            print(cfg.to_toml(), end="")
+            return 0
+        result = train(prepare(cfg, World.from_environment()))
+        state = "stopped early; rerun the same command to resume" if result.stopped_early else "done"
+        print(f"{state}: step {result.step}, run directory {result.run_dir}")
+        return EXIT_INTERRUPTED if result.stopped_early else 0
+
+    return run_command(PROG, body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

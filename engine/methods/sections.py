@@ -1,0 +1,90 @@
+"""Config sections that more than one method reads.
+
+[model]        the U-Net (DDPM's denoiser, LGT's velocity field)
+[autoencoder]  the autoencoder: what method "autoencoder" trains, and what a method that trains
+               on latents of built-in images trains first to make them
+[prepare]      how built-in images become latents for a method that trains on latents
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from engine.options import option
+
+
+@dataclass
+class ModelConfig:
+    channels: int = option(64, "base width of the U-Net")
+    channel_mult: list[int] = option([1, 2, 2], "width multiplier per resolution level")
+    num_res_blocks: int = option(2, "ResBlocks per level")
+    attention_resolutions: list[int] = option([8], "feature-map sides (e.g. 16, 8) that get self-attention")
+    num_heads: int = option(4, "attention heads")
+    num_groups: int = option(32, "GroupNorm groups (clamped to divide the channel count)")
+    dropout: float = option(0.0, "dropout inside ResBlocks")
+    checkpoint: bool = option(False, "gradient checkpointing per U-Net block (less memory, more compute)")
+
+    def validate(self, check):
+        check(self.channels > 0, "channels", "must be > 0")
+        check(len(self.channel_mult) > 0 and all(m > 0 for m in self.channel_mult), "channel_mult",
+              "must be a non-empty list of positive ints")
+        check(self.num_res_blocks >= 1, "num_res_blocks", "must be >= 1")
+        check(self.num_heads >= 1, "num_heads", "must be >= 1")
+        check(self.num_groups >= 1, "num_groups", "must be >= 1")
+        check(0 <= self.dropout < 1, "dropout", "must be in [0, 1)")
+
+
+@dataclass
+class AutoencoderConfig:
+    kind: str = option("kl", "KL autoencoder (f=8) or the linear 784->128->784 one", ("kl", "linear"))
+    latent_channels: int = option(4, "latent channels of the KL autoencoder")
+    channels: int = option(64, "base width of the KL autoencoder")
+    channel_mult: list[int] = option([1, 2, 4, 4], "width multiplier per level; len - 1 = log2 of the downsampling")
+    num_res_blocks: int = option(1, "ResBlocks per level")
+    latent_dim: int = option(128, "latent size of the linear autoencoder")
+    kl_weight: float = option(1e-6, "weight of the KL term")
+    loss: str = option("l1", "reconstruction loss", ("l1", "mse"))
+    num_groups: int = option(32, "GroupNorm groups of the KL autoencoder (clamped to divide the channel count)")
+
+    @property
+    def downsampling(self) -> int:
+        """Image side / latent side of the KL autoencoder."""
+        return 2 ** (len(self.channel_mult) - 1)
+
+    def validate(self, check):
+        check(self.latent_channels >= 1, "latent_channels", "must be >= 1")
+        check(self.channels >= 1, "channels", "must be >= 1")
+        check(len(self.channel_mult) >= 1 and all(m >= 1 for m in self.channel_mult), "channel_mult",
+              "must be a non-empty list of positive ints")
+        check(self.num_res_blocks >= 1, "num_res_blocks", "must be >= 1")
+        check(self.latent_dim >= 1, "latent_dim", "must be >= 1")
+        check(self.kl_weight >= 0, "kl_weight", "must be >= 0")
+        check(self.num_groups >= 1, "num_groups", "must be >= 1")
+
+
+@dataclass
+class PrepareConfig:
+    crops: int = option(2048, "built-in latents: crops drawn from builtin:textures and encoded")
+    image_size: int = option(256, "built-in latents: side of the encoded crops (latent side = this / 8)")
+    autoencoder_steps: int = option(500, "built-in latents: training steps of the built-in autoencoder "
+                                    "(when data.autoencoder is '')")
+    autoencoder_image_size: int = option(64, "built-in latents: crop side the built-in autoencoder trains on "
+                                         "(it is convolutional: it then encodes prepare.image_size crops)")
+    autoencoder_batch_size: int = option(8, "built-in latents: batch size of the built-in autoencoder's training")
+
+    def validate(self, check):
+        check(self.crops >= 1, "crops", "must be >= 1")
+        check(self.autoencoder_steps >= 1, "autoencoder_steps", "must be >= 1")
+        check(self.autoencoder_batch_size >= 1, "autoencoder_batch_size", "must be >= 1")
+
+
+def check_prepare_sizes(cfg, check) -> None:
+    """The crop sides [prepare] asks for must be multiples of the [autoencoder]'s downsampling."""
+    if cfg.autoencoder.kind != "kl":
+        return
+    factor = cfg.autoencoder.downsampling
+    for key in ("image_size", "autoencoder_image_size"):
+        size = getattr(cfg.prepare, key)
+        check(size >= factor and size % factor == 0, f"prepare.{key}",
+              f"must be a positive multiple of the autoencoder's downsampling factor {factor} "
+              f"(2^(len(autoencoder.channel_mult) - 1))")
