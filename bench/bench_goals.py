@@ -1,8 +1,8 @@
 """The kernels' speed and memory goals, checked on a GPU as ratios measured in one run.
 
 Each test times (median, `triton.testing.do_bench`) and measures peak memory of the competing
-implementations back to back on the same inputs, prints the figures, and asserts the goal that
-issues 5 and 6 set. Skipped without a GPU: a ratio from the CPU interpreter means nothing.
+implementations back to back on the same inputs, prints the figures, and asserts each kernel's
+goal. Skipped without a GPU: a ratio from the CPU interpreter means nothing.
 
     pytest bench/bench_goals.py -s      # on a GPU machine
 """

@@ -273,3 +273,24 @@ def test_builder_hands_latent_paths_and_device_to_the_latent_source(monkeypatch)
 def test_builder_rejects_unknown_sources_listing_the_valid_ones(source):
     with pytest.raises(ConfigError, match="builtin:textures.*folder:PATH.*latents:PATH"):
         build_data_source(DataConfig(source=source), seed=0)
+
+
+def test_every_random_stream_comes_from_the_one_table():
+    """batch_seed's stream is always a member of `Stream` (never a bare number), so two uses can
+    never pick the same stream by accident."""
+    import ast
+
+    from engine.data.base import Stream
+
+    assert len({int(s) for s in Stream}) == len(Stream)
+    root = Path(__file__).resolve().parents[1] / "engine"
+    calls = 0
+    for path in root.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "batch_seed":
+                calls += 1
+                assert len(node.args) == 4, f"{path}:{node.lineno}: batch_seed needs its stream"
+                stream = node.args[3]
+                assert isinstance(stream, ast.Attribute) and getattr(stream.value, "id", None) == "Stream", (
+                    f"{path}:{node.lineno}: the stream must be a Stream member")
+    assert calls >= 6

@@ -356,3 +356,36 @@ def test_duplicate_latents_within_a_style_are_warned_about(tmp_path, seed):
     data.latents[data.style_index.rows[1]] = data.latents[data.style_index.rows[0]]  # a copied image
     with pytest.warns(UserWarning, match=r"exact copies.*'style0' \(1 of 4\)"):
         LGT.from_config(cfg, data)
+
+
+def test_evaluation_transports_per_class_contents_into_each_style(tmp_path, seed, monkeypatch):
+    method, data = tiny_lgt(tmp_path, seed, counts=(6, 6, 6))
+    transported = []
+    real_transfer = method.transfer
+
+    def counting(content, style, *args, **kwargs):
+        transported.append(content.shape[0])
+        return real_transfer(content, style, *args, **kwargs)
+
+    monkeypatch.setattr(method, "transfer", counting)
+    results = method.evaluate(data, per_class=2, progress=False)
+    assert transported == [2, 2, 2]  # K styles x per_class contents, not every content into every style
+    assert {key.split("/")[0] for key in results} == {"swd_before", "swd_after", "ssm"}
+    assert results == method.evaluate(data, per_class=2, progress=False)  # fixed seed: comparable runs
+
+
+def test_end_of_training_evaluation_can_be_turned_off(tmp_path, seed):
+    from engine.train import train
+
+    path = write_synthetic_latents(tmp_path / "latents.safetensors", [6, 6, 6], seed)
+
+    def run(name, *extra):
+        cfg = load_config(CONFIG, [f"--data.source=latents:{path}", f"--run.dir={tmp_path / name}",
+                                   "--train.device=cpu", "--train.steps=1", "--train.batch_size=2",
+                                   "--lgt.holdout_per_style=1", *TINY_MODEL, *TINY_ENERGY, "--sample.every=0",
+                                   "--log.tensorboard=false", "--eval.per_class=1", *extra])
+        train(cfg)
+        return (tmp_path / name / "metrics.jsonl").read_text()
+
+    assert "eval/swd_after" in run("on")
+    assert "eval/" not in run("off", "--eval.at_end=false")

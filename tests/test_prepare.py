@@ -69,3 +69,28 @@ def test_latents_files_resolve_the_autoencoder_they_record(tmp_path):
     assert prepare(cfg).data.autoencoder == "/somewhere/ae"
     chosen = load_config(None, ["--method.name=lgt", f"--data.source=latents:{path}", "--data.autoencoder=/x"])
     assert prepare(chosen).data.autoencoder == "/x"  # the user's choice wins
+
+
+class Loaded(Exception):
+    """Stops preparation right after the autoencoder is loaded."""
+
+
+def test_each_rank_loads_the_autoencoder_on_its_own_device(tmp_path, monkeypatch):
+    """Under torchrun rank 0 encodes on its own GPU (cuda:LOCAL_RANK, not cuda:0); the waiting ranks
+    only hash the weights, on the CPU, and never touch another rank's GPU."""
+    from engine.distributed import World
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    devices = []
+
+    def record(path, device):
+        devices.append(torch.device(device))
+        raise Loaded
+
+    monkeypatch.setattr("engine.prepare.load_autoencoder", record)
+    cfg = tiny_builtin_config(tmp_path, "--train.device=auto", f"--data.autoencoder={tmp_path / 'ae'}")
+    with pytest.raises(Loaded):
+        prepare(cfg, World(rank=0, local_rank=3, size=8))
+    with pytest.raises(Loaded):
+        prepare(cfg, World(rank=5, local_rank=1, size=8))
+    assert devices == [torch.device("cuda", 3), torch.device("cpu")]

@@ -170,3 +170,60 @@ def test_a_failing_sample_grid_costs_neither_the_run_nor_its_checkpoint(tmp_path
     result = train(tiny_config(tmp_path / "run", "--train.steps=2", "--sample.every=2"))
     assert result.step == 2 and latest_checkpoint(tmp_path / "run" / "checkpoints").step == 2
     assert "no sample grid at step 2" in capsys.readouterr().err
+
+
+def test_step_time_is_the_true_mean_without_checkpoints_and_grids(tmp_path, monkeypatch):
+    """Three slow steps logged once (log.every > steps), each followed by a slow checkpoint: the step
+    time is the mean over the 3 steps that passed (not over log.every) and excludes the saves, which
+    are logged on their own."""
+    method_cls = train_module.method_class("ddpm")
+    real_forward = method_cls.forward
+
+    def slow_forward(self, batch):
+        time.sleep(0.2)
+        return real_forward(self, batch)
+
+    real_save = train_module.ckpt.save_checkpoint
+
+    def slow_save(*args, **kwargs):
+        time.sleep(0.5)
+        return real_save(*args, **kwargs)
+
+    monkeypatch.setattr(method_cls, "forward", slow_forward)
+    monkeypatch.setattr(train_module.ckpt, "save_checkpoint", slow_save)
+    train(tiny_config(tmp_path / "run", "--train.steps=3", "--log.every=10", "--checkpoint.every=1",
+                      "--sample.every=0"))
+    (row,) = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert row["step"] == 3
+    assert 0.2 <= row["sec_per_step"] < 0.2 + 0.4, row  # one forward's sleep, no save's
+    assert row["sec_per_step"] == pytest.approx(row["sec_data"] + row["sec_compute"])
+    # The saves after steps 1 and 2 (step 3's comes after its log line, in the next interval).
+    assert row["sec_checkpoint"] >= 2 * 0.5 and row["sec_sample"] == 0
+
+
+def test_a_step_the_fp16_scaler_skips_advances_neither_the_schedule_nor_the_ema(tmp_path):
+    """GradScaler skips the update when the scaled gradients overflow; the LR schedule and the EMA must
+    then stay where they are, as the weights do."""
+    from engine.distributed import World
+    from engine.ema import EMA
+
+    model = torch.nn.Linear(2, 1)
+    ema = EMA(model, 0.9)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 / (step + 1))
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    state = train_module.TrainState(model, ema, optimizer, scheduler, scaler, world_size=1)
+
+    def step(x: float) -> None:
+        # A finite loss whose scaled gradient (scale * x) overflows float32 when x is huge.
+        loss = model(torch.tensor([[x, 1.0]])).sum()
+        scaler.scale(loss).backward()
+        state.optimizer_step(list(model.parameters()), 0.0, loss.detach(), World())
+
+    step(1.0)
+    applied = (scheduler.last_epoch, ema.num_updates, model.weight.detach().clone())
+    step(1e35)
+    assert (scheduler.last_epoch, ema.num_updates) == applied[:2] and torch.equal(model.weight, applied[2])
+    assert state.step == 2  # the step itself is counted: the data and the per-step seed move on
+    step(1.0)
+    assert (scheduler.last_epoch, ema.num_updates) == (applied[0] + 1, applied[1] + 1)

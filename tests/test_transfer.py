@@ -140,4 +140,34 @@ def test_a_missing_autoencoder_is_reported(lgt_run, tmp_path, capsys):
     assert main(["--checkpoint", str(run), "--content", str(images / "dots" / "1.png"), "--autoencoder",
                  str(tmp_path / "gone"), "--out", str(tmp_path / "x.png"), "--device", "cpu"]) == 1
     error = capsys.readouterr().err
-    assert "autoencoder" in error and "missing" in error and str(tmp_path / "gone") in error
+    assert "the autoencoder that made these latents is missing" in error and str(tmp_path / "gone") in error
+    assert "--autoencoder" in error
+
+
+def test_eval_runs_on_the_device_asked_for_not_the_one_the_run_trained_on(lgt_run, tmp_path, capsys):
+    """A run trained with train.device = 'cuda' is evaluated on a CPU-only machine with --device cpu."""
+    run, _, _ = lgt_run
+    checkpoint = ckpt.open_checkpoint(run)
+    cfg = checkpoint.config()
+    cfg.train.device = "cuda"
+    gpu_run = tmp_path / "gpu-run"
+    ckpt.save_checkpoint(gpu_run / "checkpoints", checkpoint.step, model_state=checkpoint.model_state(),
+                         ema_state=checkpoint.model_state(ema=True), train_state=checkpoint.train_state(),
+                         config=cfg, data_info=checkpoint.data_info(), keep=1)
+    assert main(["--checkpoint", str(gpu_run), "--eval", "--device", "cpu", "--per-class", "1"]) == 0
+    assert [line.split()[0] for line in capsys.readouterr().out.splitlines()[2:]] == list(STYLES)
+
+
+@pytest.mark.parametrize("bad", [["--steps", "0"], ["--cfg", "nan"], ["--per-class", "0"]])
+def test_impossible_arguments_are_usage_errors(lgt_run, tmp_path, bad, capsys):
+    run, images, _ = lgt_run
+    with pytest.raises(SystemExit) as exit_:
+        main(["--checkpoint", str(run), "--content", str(images / "dots"), "--out", str(tmp_path / "x.png"), *bad])
+    assert exit_.value.code == 2 and "engine-transfer: error:" in capsys.readouterr().err
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_per_class_without_eval_is_a_usage_error(lgt_run, tmp_path, capsys):
+    run, images, _ = lgt_run
+    assert main(["--checkpoint", str(run), "--content", str(images / "dots"), "--per-class", "2"]) == 2
+    assert "engine-transfer: error: --per-class only applies with --eval" in capsys.readouterr().err

@@ -48,7 +48,8 @@ class LazyAutoencoder:
         self._failure: Exception | None = None
 
     def get(self) -> nn.Module:
-        """The autoencoder; the loader's error (FileNotFoundError, ValueError, ...) if it cannot be had."""
+        """The autoencoder; FileNotFoundError saying how to point at it, or the loader's other
+        errors (ValueError, ...), when it cannot be had. A failure is remembered, not retried."""
         if self._model is None:
             if self._failure is not None:
                 raise self._failure
@@ -57,7 +58,12 @@ class LazyAutoencoder:
                                         f"data.autoencoder (or pass --autoencoder) to the one that made them")
             try:
                 self._model = self._load()
-            except Exception as err:
+            except FileNotFoundError as err:
+                self._failure = FileNotFoundError(
+                    f"the autoencoder that made these latents is missing ({err}); pass its run directory with "
+                    f"--autoencoder (engine-transfer) or set data.autoencoder")
+                raise self._failure from err
+            except (ValueError, ImportError, OSError, RuntimeError) as err:
                 self._failure = err
                 raise
         return self._model

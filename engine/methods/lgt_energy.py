@@ -1,4 +1,4 @@
-"""The energy terms LGT minimises (DESIGN.md "LGT"), each a small callable with its settings.
+"""The energy terms LGT minimises, each a small callable with its settings.
 
     PatchSWD        style: sliced Wasserstein distance between the k x k patch distributions of the
                     transported latents and of real latents of the target style
