@@ -1,9 +1,26 @@
 """Atomic, verifiable checkpoints: `run/checkpoints/step-N/` plus a `latest` pointer.
 
-A checkpoint directory is written under a temporary name, every file fsync'ed, a manifest with
-each file's size and SHA-256 written last, then renamed into place; `latest` is updated after
-that. Loading verifies the manifest, so a truncated or corrupt checkpoint is skipped (with a
-warning) in favour of the previous one, and is never half-loaded.
+Writing. A checkpoint is written into a fresh temporary directory `.tmp-step-N-PID` (made with
+os.mkdir, which fails on any existing entry, a planted symlink included), each file through
+engine.safe_files (created exclusively, fsync'ed), then a manifest with each file's size and
+SHA-256, and only then renamed to `step-N`. The `.tmp-step-*` leftovers of a killed process are
+removed when the next save starts and are never loaded. A write that fails (a full disk above all)
+removes the temporary directory at once and raises CheckpointError saying how much space a
+checkpoint needs; the previous checkpoints are untouched, and `latest` is only ever moved to a
+checkpoint that is complete and in place.
+
+`latest` names the newest checkpoint written, for people and tools (`cat checkpoints/latest`). It
+is replaced atomically and never written through a symlink, and loading never reads it: loading
+takes the newest intact `step-N` directory, so a stale or planted `latest` cannot steer a resume.
+
+Loading. verify() treats anything unexpected as damage, so a damaged checkpoint is skipped with a
+warning in favour of the previous one and is never half-loaded: a manifest that is not UTF-8 JSON
+of the shape below; a needed file it does not list, or a file in the directory it does not list; a
+size or checksum that differs; a step that differs between the directory name, the manifest and
+the train state; a train state that is not plain data. The checksums catch accidents, not intent
+(whoever can plant a file can rewrite the manifest), so the train state is loaded with
+`torch.load(weights_only=True)`: tensors, numbers, strings and containers load, and a pickle that
+would run code is refused, never executed.
 
 Layout of one checkpoint:
     model.safetensors   the method's state_dict (network weights and fixed buffers)
@@ -16,27 +33,41 @@ Layout of one checkpoint:
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import pickle
 import re
 import shutil
+import stat
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from engine.config import Config, load_config
+from engine.config import Config, ConfigError, load_config
+from engine.safe_files import fsync_dir, replacing, write_text_atomic
 
 MANIFEST = "manifest.json"
+LATEST = "latest"
+EMA_FILE = "ema.safetensors"
+REQUIRED_FILES = frozenset({"model.safetensors", "train_state.pt", "config.toml", "data_info.json"})
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+_TMP_PREFIX = ".tmp-step-"
+_SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 
 
 class CheckpointError(RuntimeError):
-    """No usable checkpoint where one was expected."""
+    """No usable checkpoint where one was expected, or a checkpoint could not be written."""
+
+
+class _Damaged(Exception):
+    """What is wrong with a checkpoint; verify() returns it as text."""
 
 
 @dataclass
@@ -45,33 +76,51 @@ class Checkpoint:
     step: int
 
     def model_state(self, ema: bool = False) -> dict[str, torch.Tensor]:
-        name = "ema.safetensors" if ema else "model.safetensors"
+        name = EMA_FILE if ema else "model.safetensors"
         if ema and not (self.path / name).exists():
             name = "model.safetensors"  # trained without EMA: the raw weights are what there is
-        return load_file(self.path / name)
+        try:
+            return load_file(self.path / name)
+        except (SafetensorError, OSError) as err:
+            raise CheckpointError(f"{self.path / name} cannot be read: {err}") from None
 
     def train_state(self) -> dict[str, Any]:
-        # weights_only=False: the file holds optimizer state and RNG byte tensors we wrote ourselves.
-        return torch.load(self.path / "train_state.pt", map_location="cpu", weights_only=False)
+        try:
+            return _load_train_state(self.path / "train_state.pt")
+        except _Damaged as damage:
+            raise CheckpointError(f"checkpoint {self.path}: {damage}") from None
 
     def config(self) -> Config:
-        return load_config(self.path / "config.toml")
+        try:
+            return load_config(self.path / "config.toml")
+        except (ConfigError, OSError) as err:
+            raise CheckpointError(f"{self.path / 'config.toml'} cannot be used: {err}") from None
 
     def data_info(self) -> dict[str, Any]:
-        return json.loads((self.path / "data_info.json").read_text())
+        path = self.path / "data_info.json"
+        try:
+            info = json.loads(path.read_bytes())
+        except (OSError, ValueError) as err:  # ValueError: not UTF-8 / not JSON
+            raise CheckpointError(f"{path} cannot be read: {err}") from None
+        if not (isinstance(info, dict) and isinstance(info.get("sample_shape"), list)
+                and isinstance(info.get("class_names"), list)):
+            raise CheckpointError(f"{path} does not hold the lists 'sample_shape' and 'class_names'")
+        return info
 
 
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
+def _load_train_state(path: Path, mmap: bool = False) -> dict[str, Any]:
+    """The train state, loaded as plain data only; _Damaged when it is anything else."""
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as err:  # the weights-only unpickler refused a global or an opcode
+        detail = re.search(r"WeightsUnpickler error: ([^\n]*?)(\. |\n|$)", str(err))
+        raise _Damaged(f"{path.name} holds objects that are not plain data (possible code) and was not "
+                       f"loaded ({detail.group(1) if detail else str(err).splitlines()[0]})") from None
+    except Exception as err:  # noqa: BLE001 - a damaged zip / pickle raises a dozen types (zipfile, torch...)
+        raise _Damaged(f"{path.name} cannot be read ({type(err).__name__}: {err})") from None
+    if not isinstance(state, dict):
+        raise _Damaged(f"{path.name} holds a {type(state).__name__}, not a dict")
+    return state
 
 
 def _sha256(path: Path) -> str:
@@ -87,55 +136,135 @@ def _host_copy(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in state.items()}
 
 
+def _nbytes(value: Any) -> int:
+    """Bytes of the tensors in a nested dict / list: what a file holding `value` needs at least."""
+    if isinstance(value, torch.Tensor):
+        return value.nbytes
+    if isinstance(value, dict):
+        return sum(_nbytes(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(_nbytes(v) for v in value)
+    return 0
+
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 1e6:.1f} MB" if nbytes >= 100_000 else f"{nbytes / 1e3:.1f} kB"
+
+
+def _out_of_space(err: Exception) -> bool:
+    if isinstance(err, OSError):
+        return err.errno in (errno.ENOSPC, errno.EDQUOT)
+    text = str(err)
+    # safetensors reports the OS error in its text; torch.save's writer hides it behind its own
+    # "[enforce fail at inline_container.cc] ... file write failed / unexpected pos" (a full disk).
+    return ("No space left" in text or "os error 28" in text or "Disk quota exceeded" in text
+            or (isinstance(err, RuntimeError) and "inline_container.cc" in text))
+
+
+def _remove(path: Path) -> None:
+    """Delete a file, a symlink (never what it points to) or a directory tree."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
+
+
+def _remove_leftovers(checkpoint_dir: Path) -> None:
+    """The temporary directories of saves that never finished (their process was killed)."""
+    for leftover in checkpoint_dir.glob(f"{_TMP_PREFIX}*"):
+        try:
+            _remove(leftover)
+        except OSError:
+            pass  # if one cannot go, the os.mkdir of this save's own name says so when it collides
+
+
 def save_checkpoint(checkpoint_dir: Path, step: int, *, model_state: dict[str, torch.Tensor],
                     ema_state: dict[str, torch.Tensor] | None, train_state: dict[str, Any],
                     config: Config, data_info: dict[str, Any], keep: int) -> Path:
-    """Write `checkpoint_dir/step-{step}` atomically, point `latest` at it, keep the newest `keep`."""
-    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    """Write `checkpoint_dir/step-{step}` atomically, point `latest` at it, keep the newest `keep`.
+
+    A failed write (a full disk, an I/O error) removes its temporary directory at once and raises
+    CheckpointError; the previous checkpoints are untouched, and `latest` only ever names a
+    checkpoint that is complete and in place."""
+    if train_state.get("step", step) != step:
+        raise ValueError(f"train_state['step'] is {train_state['step']}, but this checkpoint is step {step}")
+    model = _host_copy(model_state)
+    ema = _host_copy(ema_state) if ema_state is not None else None
+    sizes = {"model": _nbytes(model), **({"EMA": _nbytes(ema)} if ema is not None else {}),
+             "train state": _nbytes(train_state)}  # known before writing: for the message if the disk is full
     final = checkpoint_dir / f"step-{step}"
-    tmp = checkpoint_dir / f".tmp-step-{step}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-
-    save_file(_host_copy(model_state), tmp / "model.safetensors")
-    if ema_state is not None:
-        save_file(_host_copy(ema_state), tmp / "ema.safetensors")
-    torch.save(train_state, tmp / "train_state.pt")
-    (tmp / "config.toml").write_text(config.to_toml())
-    (tmp / "data_info.json").write_text(json.dumps(data_info))
-
-    files = {}
-    for path in sorted(tmp.iterdir()):
-        _fsync_file(path)
-        files[path.name] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
-    (tmp / MANIFEST).write_text(json.dumps({"step": step, "files": files}, indent=1))
-    _fsync_file(tmp / MANIFEST)
-    _fsync_dir(tmp)
-
-    if final.exists():  # re-saving the same step (e.g. stopped right after a periodic save)
-        shutil.rmtree(final)
-    os.rename(tmp, final)
-    _fsync_dir(checkpoint_dir)
-    _write_latest(checkpoint_dir, final.name)
+    tmp = checkpoint_dir / f"{_TMP_PREFIX}{step}-{os.getpid()}"
+    try:
+        checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        _remove_leftovers(checkpoint_dir)
+        os.mkdir(tmp)  # fails on anything already there, a symlink included
+        _write_files(tmp, step, model, ema, train_state, config, data_info)
+        _move_into_place(tmp, final)
+        write_text_atomic(checkpoint_dir / LATEST, final.name + "\n")
+    except (OSError, SafetensorError, RuntimeError) as err:
+        if _out_of_space(err):
+            parts = ", ".join(f"{name} {_size(n)}" for name, n in sizes.items())
+            raise CheckpointError(
+                f"no space left on {checkpoint_dir}: a checkpoint needs ~{_size(sum(sizes.values()))} "
+                f"({parts}); free space or set checkpoint.keep lower") from err
+        if not isinstance(err, (OSError, SafetensorError)):
+            raise  # not a failed write: a bug, shown as it is
+        raise CheckpointError(f"cannot write a checkpoint in {checkpoint_dir}: {err}") from err
+    finally:
+        if os.path.lexists(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
     _remove_old(checkpoint_dir, keep)
     return final
 
 
-def _write_latest(checkpoint_dir: Path, name: str) -> None:
-    tmp = checkpoint_dir / "latest.tmp"
-    tmp.write_text(name + "\n")
-    _fsync_file(tmp)
-    os.replace(tmp, checkpoint_dir / "latest")
-    _fsync_dir(checkpoint_dir)
+def _write_files(directory: Path, step: int, model: dict[str, torch.Tensor],
+                 ema: dict[str, torch.Tensor] | None, train_state: dict[str, Any], config: Config,
+                 data_info: dict[str, Any]) -> None:
+    """Every file of a checkpoint, the manifest last."""
+    with replacing(directory / "model.safetensors") as part:
+        save_file(model, part)
+    if ema is not None:
+        with replacing(directory / EMA_FILE) as part:
+            save_file(ema, part)
+    with replacing(directory / "train_state.pt") as part:
+        torch.save(train_state, part)
+    write_text_atomic(directory / "config.toml", config.to_toml())
+    write_text_atomic(directory / "data_info.json", json.dumps(data_info))
+    names = sorted(REQUIRED_FILES | ({EMA_FILE} if ema is not None else set()))
+    files = {name: {"bytes": (directory / name).stat().st_size, "sha256": _sha256(directory / name)}
+             for name in names}
+    # No newline at the end: every byte of the manifest is then significant, so any truncation is damage.
+    write_text_atomic(directory / MANIFEST, json.dumps({"step": step, "files": files}, indent=1))
+
+
+def _move_into_place(tmp: Path, final: Path) -> None:
+    """Rename the finished temporary directory to its final name. Whatever is there already (the
+    same step saved again, e.g. stopped right after a periodic save; or a planted symlink) is
+    renamed aside first, never written through, and deleted once the new checkpoint is in place."""
+    aside = None
+    if os.path.lexists(final):
+        aside = tmp.with_name(tmp.name + "-replaced")
+        os.rename(final, aside)
+    try:
+        os.rename(tmp, final)
+    except OSError:
+        if aside is not None:
+            os.rename(aside, final)
+        raise
+    try:
+        fsync_dir(final.parent)
+    finally:
+        if aside is not None:
+            _remove(aside)
 
 
 def _step_dirs(checkpoint_dir: Path) -> list[tuple[int, Path]]:
-    """Every `step-N` directory, newest first (temporary `.tmp-*` directories are not candidates)."""
+    """Every `step-N` directory, newest first. Temporary `.tmp-*` directories are not candidates, nor
+    are symlinks (the engine never makes one: a symlink there was planted)."""
     if not checkpoint_dir.is_dir():
         return []
     found = [(int(m.group(1)), p) for p in checkpoint_dir.iterdir()
-             if p.is_dir() and (m := _STEP_DIR.match(p.name))]
+             if (m := _STEP_DIR.match(p.name)) and p.is_dir() and not p.is_symlink()]
     return sorted(found, reverse=True)
 
 
@@ -149,29 +278,79 @@ def _remove_old(checkpoint_dir: Path, keep: int) -> None:
             intact += verify(path, checksums=False) is None
             continue
         shutil.rmtree(path, ignore_errors=True)
-    for leftover in checkpoint_dir.glob(".tmp-step-*"):
-        shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _read_manifest(path: Path) -> dict[str, Any]:
+    """The manifest of the checkpoint at `path`, checked for shape and types; _Damaged if it is not
+    exactly {"step": int, "files": {name: {"bytes": int, "sha256": hex}}} naming the needed files."""
+    manifest_path = path / MANIFEST
+    if not manifest_path.is_file():
+        raise _Damaged("no manifest.json (the write never finished)")
+    try:
+        manifest = json.loads(manifest_path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError:
+        raise _Damaged("manifest.json is not valid UTF-8") from None
+    except (ValueError, RecursionError) as err:  # RecursionError: nested too deep to be a manifest
+        raise _Damaged(f"manifest.json is not valid JSON ({err})") from None
+    if not isinstance(manifest, dict) or set(manifest) != {"step", "files"}:
+        raise _Damaged('manifest.json does not hold exactly the keys "step" and "files"')
+    step, files = manifest["step"], manifest["files"]
+    if type(step) is not int or step < 0:
+        raise _Damaged(f"manifest.json's step is {step!r}, not a whole number")
+    if not isinstance(files, dict):
+        raise _Damaged('manifest.json\'s "files" is not a table of files')
+    if missing := REQUIRED_FILES - files.keys():
+        raise _Damaged(f"manifest.json does not list {', '.join(sorted(missing))}")
+    if unexpected := files.keys() - REQUIRED_FILES - {EMA_FILE}:
+        raise _Damaged(f"manifest.json lists unexpected files: {', '.join(sorted(unexpected))}")
+    for name, entry in files.items():
+        if not _is_file_entry(entry):
+            raise _Damaged(f'manifest.json\'s entry for {name} is not {{"bytes": size, "sha256": hex}}')
+    return manifest
+
+
+def _is_file_entry(entry: Any) -> bool:
+    return (isinstance(entry, dict) and set(entry) == {"bytes", "sha256"}
+            and type(entry["bytes"]) is int and entry["bytes"] >= 0
+            and isinstance(entry["sha256"], str) and _SHA256_HEX.match(entry["sha256"]) is not None)
+
+
+def _check(path: Path, checksums: bool) -> None:
+    manifest = _read_manifest(path)
+    step, files = manifest["step"], manifest["files"]
+    named = _STEP_DIR.match(path.name)
+    if named and int(named.group(1)) != step:
+        raise _Damaged(f"manifest.json is for step {step}, but the directory is {path.name}")
+    unlisted = sorted({entry.name for entry in os.scandir(path)} - files.keys() - {MANIFEST})
+    if unlisted:
+        raise _Damaged(f"{', '.join(unlisted)} not listed in manifest.json (unexpected file)")
+    for name, expected in files.items():
+        file = path / name
+        if not os.path.lexists(file):
+            raise _Damaged(f"{name} is missing")
+        info = os.lstat(file)
+        if not stat.S_ISREG(info.st_mode):
+            raise _Damaged(f"{name} is not a regular file")
+        if info.st_size != expected["bytes"]:
+            raise _Damaged(f"{name} is {info.st_size} bytes, expected {expected['bytes']} (truncated?)")
+        if checksums and _sha256(file) != expected["sha256"]:
+            raise _Damaged(f"{name} does not match its checksum (corrupt)")
+    if checksums:
+        state = _load_train_state(path / "train_state.pt", mmap=True)  # mmap: tensors are not read
+        if "step" in state and (type(state["step"]) is not int or state["step"] != step):
+            raise _Damaged(f"train_state.pt is for step {state['step']!r}, but manifest.json for step {step}")
 
 
 def verify(path: Path, checksums: bool = True) -> str | None:
-    """None if the checkpoint at `path` is complete and intact, else what is wrong with it.
-    `checksums=False` checks presence and sizes only (cheap; used when rotating old checkpoints)."""
-    manifest_path = path / MANIFEST
-    if not manifest_path.is_file():
-        return "no manifest.json (the write never finished)"
+    """None if the checkpoint at `path` is complete and intact, else what is wrong with it. Never
+    raises. `checksums=False` checks the manifest, presence and sizes only (cheap; used when
+    rotating old checkpoints); the full check also loads the train state as plain data."""
     try:
-        manifest = json.loads(manifest_path.read_text())
-        files = manifest["files"]
-    except (json.JSONDecodeError, KeyError, TypeError):
-        return "manifest.json is unreadable"
-    for name, expected in files.items():
-        file = path / name
-        if not file.is_file():
-            return f"{name} is missing"
-        if file.stat().st_size != expected["bytes"]:
-            return f"{name} is {file.stat().st_size} bytes, expected {expected['bytes']} (truncated?)"
-        if checksums and _sha256(file) != expected["sha256"]:
-            return f"{name} does not match its checksum (corrupt)"
+        _check(Path(path), checksums)
+    except _Damaged as damage:
+        return str(damage)
+    except OSError as err:
+        return f"cannot be read ({err})"
     return None
 
 
@@ -202,12 +381,12 @@ def latest_checkpoint(checkpoint_dir: Path) -> Checkpoint | None:
 def open_checkpoint(path: str | Path) -> Checkpoint:
     """A run directory (its newest intact checkpoint) or one `step-N` checkpoint directory."""
     path = Path(path)
-    if (path / MANIFEST).is_file():
+    named = _STEP_DIR.match(path.name)
+    if (path / MANIFEST).is_file() or (named and path.is_dir() and not (path / "checkpoints").is_dir()):
         problem = verify(path)
         if problem is not None:
             raise CheckpointError(f"checkpoint {path} is damaged: {problem}")
-        match = _STEP_DIR.match(path.name)
-        step = int(match.group(1)) if match else json.loads((path / MANIFEST).read_text())["step"]
+        step = int(named.group(1)) if named else _read_manifest(path)["step"]
         return Checkpoint(path, step)
     for checkpoint_dir in (path / "checkpoints", path):
         if checkpoint_dir.is_dir() and _step_dirs(checkpoint_dir):

@@ -8,20 +8,55 @@ C is 3 (RGB) or 1 (grey). Latents (e.g. 4 channels) are not images: decode them 
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
+from engine.safe_files import replacing
+
 # What PIL raises on a missing, truncated, corrupt or absurdly large image: a bad PNG chunk is a
 # SyntaxError, a truncated stream an OSError, an unknown format UnidentifiedImageError (an OSError).
 PIL_READ_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
+# Modes whose samples are wider than 8 bits, with the value that is white: a 16-bit PNG opens as
+# I;16 (I in older Pillow), float pictures hold 0..1. PIL's own convert("RGB") clips them at 255.
+HIGH_DEPTH_WHITE = {"I;16": 65535.0, "I;16B": 65535.0, "I;16L": 65535.0, "I;16N": 65535.0, "I": 65535.0,
+                    "F": 1.0}
+ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+
+
+class UnreadableImageError(ValueError):
+    """An image file that cannot be decoded. The message names the file and says what to do; it is
+    the same whichever process (a DataLoader worker or the main one) found the damage."""
+
+    def __init__(self, path: str | Path, detail: str):
+        super().__init__(f"cannot read image {path} ({detail}); replace or delete the file")
+        self.path, self.detail = Path(path), detail
+
+    def __reduce__(self):  # pickles as (path, detail), not as the formatted message
+        return type(self), (self.path, self.detail)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL image as 8-bit RGB, each mode read on its own scale: 16-bit grey spans 0..65535 and
+    float grey 0..1 (rounded to 8 bits, the precision of every other picture); grey, 1-bit and
+    palette pictures are expanded; transparent pixels are composited over white, as a viewer
+    shows them, rather than revealing whatever colour the file stores under them."""
+    white = HIGH_DEPTH_WHITE.get(image.mode)
+    if white is not None:
+        grey = np.asarray(image, dtype=np.float32) * np.float32(255.0 / white)
+        return Image.fromarray(np.clip(np.rint(grey), 0, 255).astype(np.uint8), "L").convert("RGB")
+    if image.mode in ALPHA_MODES or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+    return image.convert("RGB")
+
 
 def open_rgb(path: str | Path, min_size: int | None = None) -> Image.Image:
-    """Decode an image file as RGB (grey and palette images are expanded, alpha is dropped).
+    """Decode an image file as 8-bit RGB (see `to_rgb`); UnreadableImageError naming the file when
+    it is damaged.
 
     `min_size`: the caller will shrink the image so its shorter side is this; JPEGs are then
     decoded at a reduced scale (DCT scaling) that still keeps both sides >= min_size, which is
@@ -34,17 +69,21 @@ def open_rgb(path: str | Path, min_size: int | None = None) -> Image.Image:
         with Image.open(path) as image:
             if min_size is not None:
                 image.draft("RGB", (min_size, min_size))
-            return image.convert("RGB")  # convert() decodes the whole file, so corruption shows here
+            return to_rgb(image)  # decodes the whole file, so corruption shows here
     except PIL_READ_ERRORS as err:
-        raise ValueError(f"cannot read image {path} ({type(err).__name__}: {err}); "
-                         f"replace or delete the file (PNG or JPEG expected)") from err
+        raise UnreadableImageError(path, f"{type(err).__name__}: {err}") from err
+
+
+def shorter_side_size(size: tuple[int, int], side: int) -> tuple[int, int]:
+    """(width, height) of a picture of `size` scaled so that its shorter side is `side`."""
+    width, height = size
+    scale = side / min(width, height)
+    return max(side, round(width * scale)), max(side, round(height * scale))
 
 
 def resize_shorter_side(image: Image.Image, side: int) -> Image.Image:
     """Scale (up or down, keeping the aspect ratio) so that the shorter side is exactly `side`."""
-    width, height = image.size
-    scale = side / min(width, height)
-    size = (max(side, round(width * scale)), max(side, round(height * scale)))
+    size = shorter_side_size(image.size, side)
     if size == image.size:
         return image
     return image.resize(size, Image.Resampling.BICUBIC)  # PIL's resize antialiases when shrinking
@@ -97,16 +136,10 @@ def make_grid(images: torch.Tensor, nrow: int, padding: int = 2) -> np.ndarray:
 def save_grid(images: torch.Tensor, path: str | Path, nrow: int, padding: int = 2) -> None:
     """Write `make_grid(images, nrow, padding)` as a PNG, atomically: a reader never sees half a
     file. One image with nrow=1, padding=0 saves that image alone."""
-    path = Path(path)
     grid = make_grid(images, nrow, padding)
     picture = Image.fromarray(grid[:, :, 0] if grid.shape[2] == 1 else grid)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+    with replacing(path) as temporary:  # created exclusively: a planted symlink is never written through
         picture.save(temporary, format="PNG")
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
 
 
 def grid_for_tensorboard(images: torch.Tensor, nrow: int, padding: int = 2) -> torch.Tensor:

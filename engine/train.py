@@ -14,13 +14,14 @@ number of processes (a resume with another number is refused).
 from __future__ import annotations
 
 import math
+import os
 import signal
 import sys
 import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,10 +35,12 @@ from engine.config import Config, ConfigError, load_config
 from engine.data.base import Batch, Stream, batch_seed
 from engine.distributed import World, init_world, resolve_device, shutdown_world
 from engine.ema import EMA
+from engine.filelock import LockHeld, exclusive_lock
 from engine.methods import Method, method_class
 from engine.metrics import MetricsWriter
 from engine.pictures import grid_for_tensorboard, save_grid
 from engine.profiling import nvtx_range
+from engine.safe_files import write_text_atomic
 
 
 class NonFiniteLossError(RuntimeError):
@@ -46,6 +49,14 @@ class NonFiniteLossError(RuntimeError):
 
 class ResumeError(ckpt.CheckpointError):
     """The run directory's checkpoint cannot be continued by this run as configured."""
+
+
+class DataReadError(RuntimeError):
+    """The data source failed mid-training (e.g. an image that cannot be decoded)."""
+
+
+class RunDirectoryInUse(LockHeld):
+    """Another process is training in this run directory."""
 
 
 @dataclass
@@ -62,8 +73,13 @@ class StopRequest:
     def __init__(self):
         self.requested = False
         self._previous = {}
+        self._pid = os.getpid()
 
     def _handle(self, signum, frame):
+        if os.getpid() != self._pid:
+            # A DataLoader worker (forked with this handler): Ctrl+C reaches the whole process group,
+            # and the main process alone stops the run and speaks; the workers are shut down by it.
+            return
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
@@ -255,13 +271,38 @@ def train(cfg: Config, should_stop: Callable[[int], bool] | None = None, *,
     if distributed:
         world = init_world("cuda" if cfg.train.device != "cpu" and torch.cuda.is_available() else "cpu")
     try:
-        session = setup(cfg, world)
-        start_step = session.state.step
-        stopped_early = run_steps(session, should_stop or (lambda step: False))
-        finish(session, evaluate=not stopped_early and session.state.step > start_step)
-        return TrainResult(step=session.state.step, run_dir=session.run_dir, stopped_early=stopped_early)
+        with ExitStack() as held:
+            if world.is_main:  # the one process that writes into the run directory
+                held.enter_context(run_directory_lock(Path(cfg.run.dir)))
+            session = setup(cfg, world)
+            start_step = session.state.step
+            stopped_early = run_steps(session, should_stop or (lambda step: False))
+            finish(session, evaluate=not stopped_early and session.state.step > start_step)
+            return TrainResult(step=session.state.step, run_dir=session.run_dir, stopped_early=stopped_early)
     finally:
         shutdown_world(world)
+
+
+@contextmanager
+def run_directory_lock(run_dir: Path) -> Iterator[None]:
+    """Hold `run_dir/.lock` for the run's lifetime: two processes training into one directory would
+    delete each other's temporary checkpoints and interleave their metrics. The lock dies with its
+    process (kill -9 included), so a stale lock file never blocks the next run; the file records the
+    holder's PID for the message the second process prints."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = run_dir / ".lock"
+    try:
+        with exclusive_lock(lock, blocking=False) as fd:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+            yield
+    except LockHeld:
+        try:
+            holder = lock.read_text().strip() or "unknown"
+        except OSError:
+            holder = "unknown"
+        raise RunDirectoryInUse(f"{run_dir} is in use by another training process (pid {holder}): wait for it "
+                                f"to finish or stop it, or set run.dir to another directory") from None
 
 
 def setup(cfg: Config, world: World) -> Session:
@@ -311,7 +352,10 @@ def run_steps(s: Session, should_stop: Callable[[int], bool]) -> bool:
     last_saved = state.step
     with StopRequest() as stop:
         while state.step < cfg.train.steps:
-            terms, grad_norm = train_step(s)
+            try:
+                terms, grad_norm = train_step(s)
+            except DataReadError as err:
+                raise DataReadError(f"{err.__cause__}. {_save_before_stopping(s, last_saved)}") from err.__cause__
             progress.update(1)
             if s.metrics is not None and (state.step % cfg.log.every == 0 or state.step == cfg.train.steps):
                 _log(s, terms, grad_norm, progress)
@@ -338,9 +382,15 @@ def train_step(s: Session) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     state.method.train()
     accum = cfg.train.grad_accum
     terms: dict[str, torch.Tensor] = {}
+    step_start_position = state.data_position
     for micro in range(accum):
         with s.timer.phase("data"):
-            batch = next(s.batches).to(s.device)
+            try:
+                batch = next(s.batches)
+            except (ValueError, OSError) as err:  # an unreadable or vanished file: this step never happened
+                state.data_position = step_start_position
+                raise DataReadError() from err
+            batch = batch.to(s.device)
             if cfg.train.channels_last:
                 batch = Batch(batch.x.contiguous(memory_format=torch.channels_last), batch.labels)
             state.data_position += 1
@@ -386,6 +436,14 @@ def finish(s: Session, evaluate: bool) -> None:
 def save_checkpoint(s: Session) -> None:
     with s.timer.phase("checkpoint"):
         state = s.state
+        # One sync per checkpoint: an update can make weights non-finite with a finite loss and
+        # gradient (a huge step); such weights must never become a checkpoint that verifies.
+        finite = torch.stack([torch.isfinite(p).all() for p in state.method.parameters()]).all()
+        if not bool(finite):
+            bad = next(name for name, p in state.method.named_parameters() if not torch.isfinite(p).all())
+            raise NonFiniteLossError(f"step {state.step}: the update made the weights non-finite ({bad}); they "
+                                     f"were not saved. {_last_checkpoint_note(s)}: lower train.lr, enable "
+                                     f"train.grad_clip, or use train.precision = 'fp32'")
         if s.world.is_main:
             ckpt.save_checkpoint(
                 s.checkpoint_dir, state.step, model_state=state.method.state_dict(),
@@ -412,6 +470,15 @@ def _agree(stop: bool, s: Session) -> bool:
     return bool(flag.item() > 0)
 
 
+def _save_before_stopping(s: Session, last_saved: int) -> str:
+    """Save the last completed step before a data error stops the run (one process only: with
+    several, the others are inside a collective that a checkpoint's barrier would deadlock)."""
+    if s.world.size == 1 and s.state.step != last_saved:
+        save_checkpoint(s)
+    return (f"{_last_checkpoint_note(s)}; fix or remove the file, then rerun the same command "
+            f"(removing a file changes the data, so the order of the remaining epochs changes)")
+
+
 def _last_checkpoint_note(s: Session) -> str:
     found, _ = ckpt.find_checkpoints(s.checkpoint_dir)
     if found is None:
@@ -434,9 +501,7 @@ def _write_run_config(run_dir: Path, cfg: Config) -> None:
                    for key, value in values.items() if previous.get(section, {}).get(key) != value]
         if changed:
             tqdm.write("config changed since the last run of this directory:\n  " + "\n  ".join(changed))
-    tmp = path.with_suffix(".toml.tmp")
-    tmp.write_text(cfg.to_toml())
-    tmp.replace(path)
+    write_text_atomic(path, cfg.to_toml())
 
 
 @torch.no_grad()

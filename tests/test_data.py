@@ -1,6 +1,7 @@
 import itertools
 import multiprocessing
 import socket
+import time
 import types
 from pathlib import Path
 
@@ -294,3 +295,70 @@ def test_every_random_stream_comes_from_the_one_table():
                 assert isinstance(stream, ast.Attribute) and getattr(stream.value, "id", None) == "Stream", (
                     f"{path}:{node.lineno}: the stream must be a Stream member")
     assert calls >= 6
+
+
+# --------------------------------------------------------------------------- image_size bounds
+
+
+@pytest.fixture
+def machine_memory(monkeypatch):
+    """Set the machine memory the data sources see (bytes, or None = unknown)."""
+    import engine.data.base
+
+    def set_memory(size):
+        monkeypatch.setattr(engine.data.base, "physical_memory", lambda: size)
+
+    return set_memory
+
+
+@pytest.mark.parametrize("memory", [16 * 2**30, 256 * 2**30, None])
+def test_an_absurd_image_size_fails_at_once_naming_data_image_size(tmp_path, machine_memory, memory):
+    machine_memory(memory)
+    random_folder(tmp_path, {"a": 2}, np.random.default_rng(0))
+    for build in (lambda: BuiltinTextures(100000, True, 0),
+                  lambda: ImageFolderSource(tmp_path, 100000, True, 0, num_workers=2)):
+        began = time.perf_counter()
+        with pytest.raises(ValueError, match=r"data\.image_size = 100000: .* would need \d[\d.e+]* GiB"):
+            build()
+        assert time.perf_counter() - began < 0.5
+
+
+def test_the_memory_an_image_size_needs_is_compared_with_the_machines(tmp_path, machine_memory):
+    random_folder(tmp_path, {"a": 2}, np.random.default_rng(0))  # 13 x 9 and 10 x 14 pictures
+    machine_memory(100 * 2**10)  # 100 KiB; a 128 x ~180 px picture and one crop need ~260 KiB
+    with pytest.raises(ValueError, match=r"data\.image_size = 128: .* of memory, this machine has 9\.54e-05 GiB"):
+        ImageFolderSource(tmp_path, 128, True, 0)
+    with pytest.raises(ValueError, match=r"data\.image_size = 64: builtin:textures' 12 pictures"):
+        BuiltinTextures(64, True, 0)
+
+    machine_memory(64 * 2**20)
+    source = ImageFolderSource(tmp_path, 64, True, 0)  # a picture of 64 x ~92 px and one crop: ~0.2 MB
+    assert next(source.batches(0, 100)).x.shape == (100, 3, 64, 64)  # ~5 MB a batch
+    with pytest.raises(ValueError, match=r"data\.image_size = 64: batches of 2000 crops of 64 px would need"):
+        next(source.batches(0, 2000))  # ~100 MB a batch
+
+
+def test_builtin_memory_need_is_computed_from_the_native_sizes_before_resizing(machine_memory):
+    pixels = sum(p.shape[1] * p.shape[2] for p in BuiltinTextures(64, True, 0).pictures)
+    need = 2 * 3 * 4 * pixels  # float32 RGB, twice while the flat buffer is assembled
+
+    machine_memory(need - 1)
+    with pytest.raises(ValueError, match=rf"would need {need / 2**30:.3g} GiB of memory"):
+        BuiltinTextures(64, True, 0)
+    machine_memory(need)
+    BuiltinTextures(64, True, 0)
+
+
+def test_where_memory_is_unknown_a_fixed_cap_stands_in(tmp_path, machine_memory):
+    machine_memory(None)
+    random_folder(tmp_path, {"a": 2}, np.random.default_rng(0))
+    assert ImageFolderSource(tmp_path, 8192, True, 0).sample_shape == (3, 8192, 8192)
+    with pytest.raises(ValueError, match=r"data\.image_size = 8193: .*memory is unknown, so at most 8192 px"):
+        ImageFolderSource(tmp_path, 8193, True, 0)
+
+
+def test_the_machines_memory_is_read_from_the_os():
+    from engine.data.base import physical_memory
+
+    memory = physical_memory()
+    assert memory is None or memory > 2**28

@@ -129,3 +129,18 @@ def test_a_missing_autoencoder_is_a_clear_error(tmp_path, image_folder, capsys):
     assert main(["--images", str(image_folder), "--autoencoder", str(tmp_path / "nope"),
                  "--out", str(tmp_path / "x.safetensors")]) == 1
     assert "autoencoder not found" in capsys.readouterr().err
+
+
+def test_sixteen_bit_images_encode_like_their_eight_bit_versions(tmp_path):
+    levels = np.random.default_rng(0).integers(0, 256, (16, 16), dtype=np.uint8)
+    for name, pixels in (("eight", levels), ("sixteen", levels.astype(np.uint16) * 257)):
+        (tmp_path / name / "grey").mkdir(parents=True)
+        Image.fromarray(pixels).save(tmp_path / name / "grey" / "a.png")
+    run_dir = save_autoencoder_run(tmp_path / "ae", scaling_factor=0.5)
+    kwargs = {"image_size": 16, "device": "cpu", "dtype": "fp32"}
+
+    eight = encode_folder(tmp_path / "eight", run_dir, tmp_path / "eight.safetensors", **kwargs)
+    sixteen = encode_folder(tmp_path / "sixteen", run_dir, tmp_path / "sixteen.safetensors", **kwargs)
+
+    assert Image.open(tmp_path / "sixteen" / "grey" / "a.png").mode.startswith("I")
+    assert torch.equal(sixteen.latents, eight.latents)  # not the all-white picture PIL's convert makes

@@ -1,5 +1,7 @@
 """Latent datasets: the file format, the style index and the device-resident source."""
 
+import os
+
 import pytest
 import torch
 
@@ -142,3 +144,29 @@ def test_split_holdout_is_deterministic_disjoint_and_keeps_every_label():
 
 def _fields(data: LatentFile):
     return data.latents, data.labels, data.class_names, data.scaling_factor, data.autoencoder
+
+
+def test_write_latents_never_writes_through_a_planted_symlink(tmp_path, monkeypatch):
+    import safetensors.torch
+
+    import engine.data.latents
+
+    def naive_save_file(tensors, path, metadata=None):  # opens the path it is given, as older safetensors did
+        with open(path, "wb") as f:
+            f.write(safetensors.torch.save(tensors, metadata))
+
+    monkeypatch.setattr(engine.data.latents, "save_file", naive_save_file)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    victims = [outside / "final.bin", outside / "temporary.bin"]
+    for victim in victims:
+        victim.write_bytes(b"precious")
+    path = tmp_path / "data" / "latents.safetensors"
+    path.parent.mkdir()
+    path.symlink_to(victims[0])  # at the final name
+    (path.parent / f".{path.name}.{os.getpid()}.tmp").symlink_to(victims[1])  # at a guessable temporary name
+
+    write_latents(path, make_file())
+
+    assert not path.is_symlink() and torch.equal(read_latents(path).latents, make_file().latents)
+    assert [victim.read_bytes() for victim in victims] == [b"precious", b"precious"]

@@ -363,13 +363,14 @@ def test_evaluation_transports_per_class_contents_into_each_style(tmp_path, seed
     transported = []
     real_transfer = method.transfer
 
-    def counting(content, style, *args, **kwargs):
-        transported.append(content.shape[0])
-        return real_transfer(content, style, *args, **kwargs)
+    def counting(content, styles, *args, **kwargs):
+        transported.append(torch.as_tensor(styles).expand(content.shape[0]).tolist())
+        return real_transfer(content, styles, *args, **kwargs)
 
     monkeypatch.setattr(method, "transfer", counting)
     results = method.evaluate(data, per_class=2, progress=False)
-    assert transported == [2, 2, 2]  # K styles x per_class contents, not every content into every style
+    # K styles x per_class contents (not every content into every style), in one batched call.
+    assert transported == [[0, 0, 1, 1, 2, 2]]
     assert {key.split("/")[0] for key in results} == {"swd_before", "swd_after", "ssm"}
     assert results == method.evaluate(data, per_class=2, progress=False)  # fixed seed: comparable runs
 

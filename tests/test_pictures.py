@@ -1,3 +1,5 @@
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -87,3 +89,56 @@ def test_load_image_error_names_the_unreadable_file(tmp_path):
         load_image(path)
     with pytest.raises(FileNotFoundError, match="missing.png"):
         load_image(tmp_path / "missing.png")
+
+
+def through_png(tmp_path, image: Image.Image) -> torch.Tensor:
+    """`image` saved as a PNG and read back with load_image."""
+    path = tmp_path / "picture.png"
+    image.save(path)
+    return load_image(path)
+
+
+def rgb(*pixels) -> torch.Tensor:
+    """8-bit RGB pixels in a row -> the [3, 1, W] tensor load_image gives for them."""
+    return torch.tensor(pixels, dtype=torch.float32).T[:, None] / 127.5 - 1
+
+
+def test_transparent_pixels_are_composited_over_white_not_revealed(tmp_path):
+    # Opaque red, fully transparent black (what optimisers store under transparency), half blue.
+    rgba = np.array([[[255, 0, 0, 255], [0, 0, 0, 0], [0, 0, 255, 128]]], dtype=np.uint8)
+    grey_alpha = np.array([[[0, 255], [0, 0]]], dtype=np.uint8)
+
+    torch.testing.assert_close(through_png(tmp_path, Image.fromarray(rgba, "RGBA")),
+                               rgb((255, 0, 0), (255, 255, 255), (127, 127, 255)), atol=1 / 127.5, rtol=0)
+    assert torch.equal(through_png(tmp_path, Image.fromarray(grey_alpha, "LA")), rgb((0, 0, 0), (255, 255, 255)))
+
+
+def test_palette_and_one_bit_images_expand_to_their_colours(tmp_path):
+    palette = Image.new("P", (3, 1))
+    palette.putpalette([10, 20, 30, 200, 100, 0, 0, 0, 0])
+    palette.putdata([0, 1, 2])
+    see_through = palette.copy()
+    see_through.info["transparency"] = 2  # palette entry 2 is transparent
+
+    assert torch.equal(through_png(tmp_path, palette), rgb((10, 20, 30), (200, 100, 0), (0, 0, 0)))
+    assert torch.equal(through_png(tmp_path, see_through), rgb((10, 20, 30), (200, 100, 0), (255, 255, 255)))
+    assert torch.equal(through_png(tmp_path, Image.fromarray(np.array([[True, False]]))),
+                       rgb((255, 255, 255), (0, 0, 0)))
+    assert Image.open(tmp_path / "picture.png").mode == "1"
+
+
+def test_save_grid_never_writes_through_a_planted_symlink(tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    victims = [outside / "final.txt", outside / "temporary.txt"]
+    for victim in victims:
+        victim.write_text("precious")
+    out = tmp_path / "run" / "grid.png"
+    out.parent.mkdir()
+    out.symlink_to(victims[0])  # at the final name
+    (out.parent / f".{out.name}.{os.getpid()}.tmp").symlink_to(victims[1])  # at a guessable temporary name
+
+    save_grid(constant_images([1.0], channels=3), out, nrow=1, padding=0)
+
+    assert not out.is_symlink() and (load_image(out) == 1).all()
+    assert [victim.read_text() for victim in victims] == ["precious", "precious"]

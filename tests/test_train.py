@@ -227,3 +227,17 @@ def test_a_step_the_fp16_scaler_skips_advances_neither_the_schedule_nor_the_ema(
     assert state.step == 2  # the step itself is counted: the data and the per-step seed move on
     step(1.0)
     assert (scheduler.last_epoch, ema.num_updates) == (applied[0] + 1, applied[1] + 1)
+
+
+def test_resume_replays_identical_losses_on_an_image_folder(tmp_path):
+    """The DataLoader of an image folder must not draw from the global RNG, or a resumed run (which
+    starts iterating in a later step) would shift that step's noise and dropout."""
+    from test_faults import folder_of_pictures
+
+    images = folder_of_pictures(tmp_path / "images")
+    extra = (f"--data.source=folder:{images}", "--data.image_size=8", "--train.steps=5", "--train.batch_size=2",
+             "--sample.every=0", "--model.attention_resolutions=[4]")
+    train(tiny_config(tmp_path / "straight", *extra))
+    train(tiny_config(tmp_path / "resumed", *extra), should_stop=lambda step: step == 2)
+    train(tiny_config(tmp_path / "resumed", *extra))
+    assert losses(tmp_path / "resumed") == losses(tmp_path / "straight")

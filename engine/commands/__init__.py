@@ -24,13 +24,13 @@ from engine.checkpoint import CheckpointError
 from engine.filelock import LockHeld
 from engine.options import ConfigError
 from engine.prepare import RunInterrupted
-from engine.train import NonFiniteLossError
+from engine.train import DataReadError, NonFiniteLossError
 
 EXIT_OK, EXIT_RUNTIME, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 # What a command reports as one line (exit 1) instead of a traceback: problems with the user's
 # files, data or training numbers. Anything else is a bug and keeps its traceback.
-RUNTIME_ERRORS = (CheckpointError, NonFiniteLossError, LockHeld, OSError, ValueError, ImportError)
+RUNTIME_ERRORS = (CheckpointError, NonFiniteLossError, DataReadError, LockHeld, OSError, ValueError, ImportError)
 
 
 class UsageError(Exception):

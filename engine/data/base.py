@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import IntEnum, unique
@@ -59,6 +60,33 @@ def batch_seed(seed: int, rank: int, number: int, stream: Stream) -> int:
     z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & (2**64 - 1)
     z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & (2**64 - 1)
     return (z ^ (z >> 31)) & (2**63 - 1)
+
+
+# The largest data.image_size allowed where the machine's memory cannot be read.
+FALLBACK_MAX_IMAGE_SIZE = 8192
+
+
+def physical_memory() -> int | None:
+    """Bytes of RAM in this machine, or None where the OS does not say."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):  # no sysconf (Windows) or no such name
+        return None
+
+
+def check_image_memory(image_size: int, need_bytes: int, what: str) -> None:
+    """Refuse, before anything is allocated, a data.image_size whose pictures cannot fit in memory:
+    `need_bytes` is what `what` would take at that size. Where the machine's memory is unknown, a
+    fixed cap of FALLBACK_MAX_IMAGE_SIZE px stands in."""
+    memory = physical_memory()
+    if memory is None:
+        if image_size > FALLBACK_MAX_IMAGE_SIZE:
+            raise ValueError(f"data.image_size = {image_size}: {what} would need {need_bytes / 2**30:.3g} GiB; "
+                             f"this machine's memory is unknown, so at most {FALLBACK_MAX_IMAGE_SIZE} px is "
+                             f"allowed; use a smaller data.image_size")
+    elif need_bytes > memory:
+        raise ValueError(f"data.image_size = {image_size}: {what} would need {need_bytes / 2**30:.3g} GiB of "
+                         f"memory, this machine has {memory / 2**30:.3g} GiB; use a smaller data.image_size")
 
 
 def class_ids(text: str, class_names: list[str], option: str) -> list[int]:

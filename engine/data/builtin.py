@@ -23,8 +23,8 @@ import skimage.data
 import torch
 from PIL import Image
 
-from engine.data.base import Batch, Stream, batch_seed
-from engine.pictures import image_to_tensor, resize_shorter_side
+from engine.data.base import Batch, Stream, batch_seed, check_image_memory
+from engine.pictures import image_to_tensor, resize_shorter_side, shorter_side_size, to_rgb
 
 # Pictures bundled in scikit-image's wheel (checked to load with no network). Others in
 # skimage.data (eagle, lily, skin, ...) are fetched by pooch on first use and must not be listed.
@@ -40,17 +40,28 @@ def builtin_shorter_side(native: int, image_size: int) -> int:
     return max(image_size, min(native, 4 * image_size))
 
 
-def load_builtin_picture(name: str, image_size: int) -> torch.Tensor:
-    """One bundled scikit-image picture as float [3, H, W] in [-1, 1], resized for `image_size`."""
+def load_builtin_native(name: str) -> Image.Image:
+    """One bundled scikit-image picture at its native size, as 8-bit RGB."""
     try:
         array = getattr(skimage.data, name)()
     except (ImportError, OSError, ValueError) as err:
         raise RuntimeError(f"builtin:textures: scikit-image {skimage.__version__} cannot load its bundled "
                            f"picture {name!r} offline ({type(err).__name__}: {err}); install the "
                            f"scikit-image wheel that ships it or use data.source = 'folder:PATH'") from err
-    picture = Image.fromarray(np.ascontiguousarray(array)).convert("RGB")
-    picture = resize_shorter_side(picture, builtin_shorter_side(min(picture.size), image_size))
-    return image_to_tensor(picture)
+    return to_rgb(Image.fromarray(np.ascontiguousarray(array)))
+
+
+def builtin_picture_size(native: tuple[int, int], image_size: int) -> tuple[int, int]:
+    """(width, height) a built-in picture of native (width, height) is resized to for `image_size`."""
+    return shorter_side_size(native, builtin_shorter_side(min(native), image_size))
+
+
+def check_builtin_memory(sizes: list[tuple[int, int]], image_size: int) -> None:
+    """ValueError naming data.image_size when the resized pictures (`sizes`: (width, height) each)
+    cannot fit in memory: each is held as float32 RGB, twice while the flat buffer is assembled."""
+    pixels = sum(width * height for width, height in sizes)
+    check_image_memory(image_size, 2 * 3 * 4 * pixels, f"builtin:textures' {len(sizes)} pictures resized for "
+                                                       f"{image_size} px crops")
 
 
 class BuiltinTextures:
@@ -60,7 +71,13 @@ class BuiltinTextures:
         self.image_size, self.flip, self.seed, self.rank = image_size, flip, seed, rank
         self.class_names = list(BUILTIN_PICTURES)
         self.sample_shape = (3, image_size, image_size)
-        pictures = [load_builtin_picture(name, image_size) for name in BUILTIN_PICTURES]
+        # Every resized picture is at least image_size square: an absurd size fails before the
+        # pictures are even loaded, then the exact need is checked before any is resized.
+        check_builtin_memory([(image_size, image_size)] * len(BUILTIN_PICTURES), image_size)
+        natives = [load_builtin_native(name) for name in BUILTIN_PICTURES]
+        check_builtin_memory([builtin_picture_size(p.size, image_size) for p in natives], image_size)
+        pictures = [image_to_tensor(resize_shorter_side(p, builtin_shorter_side(min(p.size), image_size)))
+                    for p in natives]
         # Every picture lives in one flat buffer, so one indexing op extracts a whole batch of
         # crops from pictures of different sizes.
         self._pixels = torch.cat([p.reshape(-1) for p in pictures])

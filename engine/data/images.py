@@ -24,6 +24,7 @@ from __future__ import annotations
 import functools
 import itertools
 import logging
+import re
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -32,8 +33,18 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from engine.data.base import Batch, Stream, batch_seed
-from engine.pictures import PIL_READ_ERRORS, image_to_tensor, open_rgb, resize_shorter_side
+from engine.data.base import Batch, Stream, batch_seed, check_image_memory
+from engine.pictures import (
+    PIL_READ_ERRORS,
+    UnreadableImageError,
+    image_to_tensor,
+    open_rgb,
+    resize_shorter_side,
+    shorter_side_size,
+)
+
+__all__ = ["AugmentedImages", "EpochStreamBatchSampler", "ImageFolderSource", "UnreadableImageError",
+           "scan_image_folder", "verify_image"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 LAYOUT_HINT = "expected one sub-folder per class with PNG/JPEG images"
@@ -62,14 +73,53 @@ def scan_image_folder(root: Path) -> tuple[list[str], list[tuple[Path, int]]]:
     return [d.name for d in class_dirs], samples
 
 
-def verify_image(path: Path) -> None:
-    """A fast integrity check that does not decode pixels (PNG: chunk CRCs; JPEG: header only)."""
+def verify_image(path: Path) -> tuple[int, int]:
+    """A fast integrity check that does not decode pixels; returns the image's (width, height).
+
+    PIL's verify checks a PNG's chunk CRCs (a truncated PNG fails it) but reads only a JPEG's
+    header, so a JPEG must also reach its end-of-image marker: a truncated one does not."""
     try:
         with Image.open(path) as image:
+            size, image_format = image.size, image.format
             image.verify()
     except PIL_READ_ERRORS as err:
-        raise ValueError(f"data.source: cannot read image {path} ({type(err).__name__}: {err}); "
-                         f"replace or delete the file") from err
+        raise UnreadableImageError(path, f"{type(err).__name__}: {err}") from err
+    if image_format == "JPEG" and not jpeg_is_complete(path):
+        raise UnreadableImageError(path, "truncated JPEG: the file ends before its end-of-image marker")
+    return size
+
+
+# A JPEG marker: FF (after any FF fill bytes) then a code other than 00 (a stuffed FF inside the
+# compressed data) or D0..D7 (restart markers, which also occur inside it).
+_JPEG_MARKER = re.compile(rb"\xff+([^\x00\xff\xd0-\xd7])")
+_JPEG_EOI, _JPEG_STANDALONE = 0xD9, (0x01, 0xD8)  # end of image; markers without a length field
+_JPEG_TAIL = 64
+
+
+def jpeg_is_complete(path: Path) -> bool:
+    """Whether a JPEG file reaches its end-of-image marker (FF D9).
+
+    Usually the file ends with it, maybe followed by zero or FF padding: read just the last bytes.
+    Otherwise (data appended after the image, e.g. a motion photo's video) walk the marker
+    segments from the start, skipping each by its length (so an embedded thumbnail's own FF D9 is
+    not mistaken for the end) and scanning the compressed data for the next marker."""
+    with open(path, "rb") as f:
+        f.seek(0, 2)
+        f.seek(max(0, f.tell() - _JPEG_TAIL))
+        if f.read().rstrip(b"\x00\xff").endswith(b"\xff\xd9"):
+            return True
+        f.seek(0)
+        data = f.read()
+    position = 2  # after SOI (FF D8), which PIL has already identified
+    while match := _JPEG_MARKER.search(data, position):
+        marker, position = match.group(1)[0], match.end()
+        if marker == _JPEG_EOI:
+            return True
+        if marker not in _JPEG_STANDALONE:
+            if position + 2 > len(data):
+                return False
+            position += max(2, int.from_bytes(data[position:position + 2], "big"))
+    return False
 
 
 # --------------------------------------------------------------------------- order and augmentation
@@ -149,7 +199,12 @@ class ImageFolderSource:
         self.class_names, samples = scan_image_folder(root)
         # Fail on a corrupt file now, not hours into training (pixels are decoded only later).
         with ThreadPoolExecutor(max(1, num_workers)) as pool:
-            list(pool.map(verify_image, (path for path, _ in samples)))
+            sizes = list(pool.map(verify_image, (path for path, _ in samples)))
+        # A sample is the whole image resized (uint8 RGB) before its crop (float32) is cut out, in
+        # each worker at once: refuse a crop size that cannot fit before any worker tries.
+        largest = max(width * height for width, height in (shorter_side_size(s, image_size) for s in sizes))
+        check_image_memory(image_size, max(1, num_workers) * (3 * largest + 12 * image_size**2),
+                           f"resizing {root}'s images so their shorter side is {image_size} px")
         self.class_counts = {name: 0 for name in self.class_names}
         for _, label in samples:
             self.class_counts[self.class_names[label]] += 1
@@ -161,17 +216,40 @@ class ImageFolderSource:
         EpochStreamBatchSampler(len(samples), 1, seed, rank, 0, world_size)  # too few images fails now
 
     def batches(self, start: int, batch_size: int) -> Iterator[Batch]:
+        """See `DataSource.batches`. An image that cannot be decoded stops the stream with an
+        UnreadableImageError naming it, the same message whether or not workers decode."""
+        size = self.dataset.image_size
+        # Float32 batches in flight: prefetched by each worker (2 apiece), and the one in use.
+        check_image_memory(size, (2 * self.num_workers + 1) * batch_size * 12 * size**2,
+                           f"batches of {batch_size} crops of {size} px")
         sampler = EpochStreamBatchSampler(len(self.dataset), batch_size, self.seed, self.rank, start,
                                           self.world_size)
+        # Its own generator: a DataLoader draws a base seed when iterated, and from the global RNG that
+        # draw would shift the training step's noise and dropout, differently in a resumed run (it
+        # iterates first in a later step) than in an uninterrupted one. Sampling never uses it.
         loader = DataLoader(self.dataset, batch_sampler=sampler, num_workers=self.num_workers,
-                            pin_memory=torch.cuda.is_available())
+                            pin_memory=torch.cuda.is_available(), generator=torch.Generator().manual_seed(0))
         iterator = iter(loader)
+        number = start
         try:
-            for x, labels in iterator:
+            while True:
+                try:
+                    x, labels = next(iterator)
+                except Exception as err:
+                    if self.num_workers == 0:
+                        raise  # raised here, in this process: already the plain error
+                    failure = err  # a worker's error, re-raised with its traceback pasted into the message
+                    break
                 yield Batch(x, labels)
+                number += 1
         finally:
             # Stop the workers as soon as this generator is closed or a worker error passes
             # through: that error's traceback keeps `iterator` alive, and torch's clean-up when it
             # is finally garbage-collected waits ~5 s per worker.
             if self.num_workers > 0:
                 iterator._shutdown_workers()
+        # Batches arrive in order, so the failed one is batch `number`: decode its images again here,
+        # which raises the error a single process would have raised for the first bad one.
+        for index, _ in sampler.batch(number):
+            open_rgb(self.dataset.samples[index][0], min_size=self.dataset.image_size)
+        raise failure  # not reproducible here (e.g. a worker killed for memory): the worker's own error

@@ -1,7 +1,8 @@
 """Latent datasets held on the device: `data.source = "latents:PATH"` (a file from engine-encode).
 
 File format (safetensors):
-    latents  [N, C, h, w] fp16 (or fp32), already multiplied by the scaling factor
+    latents  [N, C, h, w] fp16 (or bf16 / fp32 / fp64), finite, already multiplied by the
+             scaling factor
     labels   [N] int64, label i is class_names[i]
     metadata format, class_names (JSON list), scaling_factor, autoencoder (path it was loaded
              from), autoencoder_hash (short hash of its weights), posterior (mean | sample)
@@ -19,7 +20,7 @@ rows sorted by label in one flat tensor plus per-label offsets and counts.
 from __future__ import annotations
 
 import json
-import os
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from engine.data.base import Batch, Stream, batch_seed
+from engine.safe_files import replacing
 
 FORMAT = "engine-latents/1"
 RERUN_HINT = "re-run engine-encode to write it again"
@@ -56,8 +58,9 @@ class LatentFile:
 
 
 def write_latents(path: str | Path, data: LatentFile) -> None:
-    """Write a latents file atomically: a temporary name in the same folder, fsync, os.replace.
-    A crash leaves either the old file or the new one, never half of one."""
+    """Write a latents file atomically: a temporary file created exclusively beside it (never
+    through a planted symlink), fsync, os.replace. A crash leaves either the old file or the new
+    one, never half of one. Refuses what `read_latents` would refuse (NaN/inf rows included)."""
     path = Path(path)
     _check_consistent(data, str(path))
     metadata = {
@@ -70,20 +73,8 @@ def write_latents(path: str | Path, data: LatentFile) -> None:
     }
     tensors = {"latents": data.latents.detach().cpu().contiguous(),
                "labels": data.labels.detach().cpu().to(torch.int64).contiguous()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+    with replacing(path) as temporary:
         save_file(tensors, temporary, metadata=metadata)
-        with open(temporary, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(temporary, path)
-        directory = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
-    finally:
-        temporary.unlink(missing_ok=True)
 
 
 def read_latents(path: str | Path, device: str | torch.device = "cpu") -> LatentFile:
@@ -128,18 +119,41 @@ def read_latents_metadata(path: str | Path) -> dict[str, str]:
         return {}
 
 
+LATENT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_FINITE_CHECK_VALUES = 1 << 24  # values tested per chunk: bounds the temporary mask to 16 MB
+
+
+def first_nonfinite_row(latents: torch.Tensor) -> int | None:
+    """The index of the first row of `latents` [N, ...] holding a NaN or inf, or None: one pass over
+    the tensor, in chunks of rows so the mask it builds stays small (one host sync per chunk)."""
+    rows = latents.reshape(latents.shape[0], -1)
+    chunk = max(1, _FINITE_CHECK_VALUES // max(1, rows.shape[1]))
+    for start in range(0, rows.shape[0], chunk):
+        finite = torch.isfinite(rows[start:start + chunk]).all(dim=1)
+        if not finite.all():
+            return start + int((~finite).nonzero()[0])
+    return None
+
+
 def _check_consistent(data: LatentFile, where: str) -> None:
     latents, labels = data.latents, data.labels
     if latents.dim() != 4 or labels.shape != (latents.shape[0],) or labels.dtype != torch.int64:
         raise ValueError(f"latents file {where}: need latents [N, C, h, w] and int64 labels [N], got "
                          f"{tuple(latents.shape)} and {labels.dtype} {tuple(labels.shape)}; {RERUN_HINT}")
+    if latents.dtype not in LATENT_DTYPES:
+        raise ValueError(f"latents file {where}: latents must be float16/bfloat16/float32/float64, got "
+                         f"{str(latents.dtype).removeprefix('torch.')}; {RERUN_HINT}")
     if latents.shape[0] == 0:
         raise ValueError(f"latents file {where} holds no latents; {RERUN_HINT}")
     if not data.class_names or labels.min() < 0 or labels.max() >= len(data.class_names):
         raise ValueError(f"latents file {where}: labels must lie in [0, {len(data.class_names)}) "
                          f"(one per class name); {RERUN_HINT}")
-    if not data.scaling_factor > 0:
-        raise ValueError(f"latents file {where}: scaling_factor = {data.scaling_factor} must be > 0")
+    if not (math.isfinite(data.scaling_factor) and data.scaling_factor > 0):
+        raise ValueError(f"latents file {where}: scaling_factor = {data.scaling_factor} must be a finite "
+                         f"number > 0; {RERUN_HINT}")
+    bad_row = first_nonfinite_row(latents)
+    if bad_row is not None:
+        raise ValueError(f"latents file {where}: row {bad_row} holds NaN/inf values; {RERUN_HINT}")
 
 
 # --------------------------------------------------------------------------- the style index

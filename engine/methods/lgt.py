@@ -307,39 +307,53 @@ class LGT(Method):
             swd_after/s   the same for the transported latents (lower: closer to style s)
             ssm/s         SSM distance between the transported latents and their contents
 
-        It transports K x per_class latents. Fixed seed, directions and subsets, so the numbers of
-        different runs compare."""
+        It transports K x per_class latents, TRANSFER_BATCH rows per network call. Fixed seed,
+        directions and subsets, so the numbers of different runs compare."""
         if not isinstance(data, LatentSource):
             raise ValueError("LGT evaluation needs the run's latents (a LatentSource), not only its "  # noqa: TRY004
                              "data info")
-        contents, content_styles = evaluation_latents(data, per_class)
         device = self.scaling_factor.device
-        contents, content_styles = contents.to(device), content_styles.to(device)
+        contents, targets = self._evaluation_pairs(data, per_class)
+        chunks = list(zip(contents.split(TRANSFER_BATCH), targets.split(TRANSFER_BATCH)))
+        moved = torch.cat([self.transfer(content, styles) for content, styles in
+                           tqdm(chunks, desc="evaluating", unit="batch", dynamic_ncols=True, disable=not progress,
+                                leave=False)])
         swd, ssm = self.style_energy, self.content_energy
 
         def seeded(on: torch.device = device) -> torch.Generator:
             return torch.Generator(on).manual_seed(EVAL_SEED)
 
-        patch_size = contents.shape[1] * swd.kernel_size ** 2
-        theta = random_directions(swd.num_projections, patch_size, device, seeded())
+        theta = random_directions(swd.num_projections, contents.shape[1] * swd.kernel_size ** 2, device, seeded())
         results = {}
-        for style, name in enumerate(tqdm(self.class_names, desc="evaluating", unit="style",
-                                          dynamic_ncols=True, disable=not progress, leave=False)):
-            candidates = contents[content_styles != style]
-            if candidates.shape[0] == 0:
+        for style, name in enumerate(self.class_names):
+            rows = targets == style
+            if not rows.any():
                 continue
-            pick = torch.randperm(candidates.shape[0], generator=seeded(torch.device("cpu")))[:per_class]
-            content = candidates[pick.to(device)]
-            targets = torch.full((content.shape[0],), style, device=data.latents.device)
-            real = data.latents[data.style_index.sample_rows_of(targets, seeded(data.latents.device))]
-            real = real.to(device).float()
-            moved = self.transfer(content, style)
+            content = contents[rows]
+            real_rows = data.style_index.sample_rows_of(targets[rows].to(data.latents.device),
+                                                        seeded(data.latents.device))
+            real = data.latents[real_rows].to(device).float()
             results[f"swd_before/{name}"] = global_patch_swd(content, real, theta, swd.kernel_size,
                                                              swd.max_samples, seeded()).item()
-            results[f"swd_after/{name}"] = global_patch_swd(moved, real, theta, swd.kernel_size,
+            results[f"swd_after/{name}"] = global_patch_swd(moved[rows], real, theta, swd.kernel_size,
                                                             swd.max_samples, seeded()).item()
-            results[f"ssm/{name}"] = ssm(moved, content, seeded()).item()
+            results[f"ssm/{name}"] = ssm(moved[rows], content, seeded()).item()
         return results
+
+    def _evaluation_pairs(self, data: LatentSource, per_class: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(contents [K * per_class, C, H, W], their target styles): for each style, `per_class`
+        contents of the other styles, drawn with a fixed seed."""
+        contents, content_styles = evaluation_latents(data, per_class)
+        device = self.scaling_factor.device
+        contents, content_styles = contents.to(device), content_styles.to(device)
+        generator = torch.Generator().manual_seed(EVAL_SEED)
+        picked, targets = [], []
+        for style in range(self.num_styles):
+            candidates = (content_styles != style).nonzero().flatten()
+            choice = candidates[torch.randperm(candidates.numel(), generator=generator)[:per_class].to(device)]
+            picked.append(choice)
+            targets.append(torch.full_like(choice, style))
+        return contents[torch.cat(picked)], torch.cat(targets)
 
 
 def evaluation_latents(data: LatentSource, per_class: int) -> tuple[torch.Tensor, torch.Tensor]:
