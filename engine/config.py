@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import types
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,6 +64,12 @@ class TrainConfig:
     ema_decay: float = option(0.999, "EMA decay of the weights used for samples (0 = no EMA)")
     ema_warmup: bool = option(True, "EMA decay ramps as min(decay, (1+n)/(10+n)) so early EMA tracks the model")
     channels_last: bool = option(False, "keep activations in channels_last memory format (CUDA)")
+    compile: bool | str = option(False, "torch.compile the training loss and the networks the sample grids use "
+                                 "(false, true, or 'max-autotune': longer compile, faster kernels)",
+                                 (False, True, "max-autotune"))
+    cuda_graphs: bool | str = option(False, "capture forward + backward + optimizer of a step in a CUDA graph and "
+                                     "replay it (true, or 'auto'); a run that cannot be captured trains eagerly "
+                                     "and says why once", (False, True, "auto"))
 
     def validate(self, check):
         check(self.steps > 0, "steps", "must be > 0")
@@ -89,18 +96,19 @@ class CheckpointConfig:
 
 @dataclass
 class DataConfig:
-    source: str = option("builtin:textures", "builtin:textures | folder:PATH (one sub-folder per class) | latents:PATH")
-    image_size: int = option(32, "side of the square crops fed to the model (image sources)")
-    flip: bool = option(True, "random horizontal flips (image sources)")
+    source: str = option("builtin:textures", "builtin:textures | builtin:digits (scikit-learn's digits, 1x28x28, "
+                         "labels 0-9) | folder:PATH (one sub-folder per class) | latents:PATH")
+    image_size: int = option(32, "side of the square crops fed to the model (builtin:textures, folders; digits are 28)")
+    flip: bool = option(True, "random horizontal flips (builtin:textures, folders; never digits)")
     num_workers: int = option(2, "DataLoader worker processes for image folders")
     autoencoder: str = option("", "autoencoder that encodes/decodes latents: a run directory, a checkpoint or a "
                               "local diffusers folder ('' = the one the latents file records; for methods that "
                               "train on latents of builtin:textures, the built-in one)")
 
     def validate(self, check):
-        kinds = ("builtin:textures", "folder:", "latents:")
-        check(self.source == kinds[0] or (self.source.startswith(kinds[1:]) and self.source.partition(":")[2]),
-              "source", "must be 'builtin:textures', 'folder:PATH' or 'latents:PATH'")
+        builtin, paths = ("builtin:textures", "builtin:digits"), ("folder:", "latents:")
+        check(self.source in builtin or (self.source.startswith(paths) and self.source.partition(":")[2]),
+              "source", "must be 'builtin:textures', 'builtin:digits', 'folder:PATH' or 'latents:PATH'")
         check(self.image_size >= 8, "image_size", "must be >= 8")
         check(self.num_workers >= 0, "num_workers", "must be >= 0")
 
@@ -233,6 +241,15 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
     """Check `value` against a field's type; ints are accepted where floats are expected; floats
     must be finite (NaN or inf in a config is always a mistake)."""
     origin = typing.get_origin(annotation)
+    if isinstance(annotation, types.UnionType):  # e.g. bool | str: the first member type that takes it
+        errors = []
+        for member in typing.get_args(annotation):
+            try:
+                return _coerce(value, member, where)
+            except ConfigError as err:
+                errors.append(str(err))
+        names = " or ".join(member.__name__ for member in typing.get_args(annotation))
+        raise ConfigError(f"{where} must be {names}, got {value!r}")
     if origin is list:
         (item_type,) = typing.get_args(annotation)
         if not isinstance(value, list):

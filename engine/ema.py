@@ -26,11 +26,15 @@ class EMA:
         return min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
 
     @torch.no_grad()
-    def update(self, module: nn.Module) -> None:
-        decay = self.current_decay()
+    def update(self, module: nn.Module, skipped: torch.Tensor | None = None) -> None:
+        """One EMA step towards `module`. `skipped` (a 0/1 device tensor, 1 when the optimizer skipped
+        this step on the device) turns the step into a no-op without a host sync."""
+        weight = 1.0 - self.current_decay()
+        if skipped is not None:
+            weight = (1.0 - skipped) * weight
         ema_params = list(self.module.parameters())
         live_params = [p.detach() for p in module.parameters()]
-        torch._foreach_lerp_(ema_params, live_params, 1.0 - decay)
+        torch._foreach_lerp_(ema_params, live_params, weight)
         for ema_buffer, live_buffer in zip(self.module.buffers(), module.buffers()):
             ema_buffer.copy_(live_buffer)
         self.num_updates += 1

@@ -36,10 +36,11 @@ from engine.data.base import Batch, Stream, batch_seed
 from engine.distributed import World, init_world, resolve_device, shutdown_world
 from engine.ema import EMA
 from engine.filelock import LockHeld, exclusive_lock
+from engine.graphs import StepGraph, capture_problem
 from engine.methods import Method, method_class
 from engine.metrics import MetricsWriter
 from engine.pictures import grid_for_tensorboard, save_grid
-from engine.profiling import nvtx_range
+from engine.profiling import phase
 from engine.safe_files import write_text_atomic
 
 
@@ -160,17 +161,12 @@ class TrainState:
         torch.set_rng_state(state["rng"]["torch"])
 
     def restore(self, checkpoint: ckpt.Checkpoint, cfg: Config) -> None:
-        """Weights, EMA and train state from `checkpoint`; then the current config's optimizer
-        settings, which a resumed run follows (the checkpoint's would silently keep the old ones)."""
+        """Weights, EMA and train state from `checkpoint`, then the current config's optimizer settings."""
         self.method.load_state_dict(checkpoint.model_state(ema=False))
         if self.ema is not None:
             self.ema.module.load_state_dict(checkpoint.model_state(ema=True))  # its update count: below
         self.load_state_dict(checkpoint.train_state(), str(checkpoint.path))
-        factor = lr_lambda(cfg)(self.scheduler.last_epoch)
-        self.scheduler.base_lrs = [cfg.train.lr for _ in self.optimizer.param_groups]
-        for group in self.optimizer.param_groups:
-            group.update(lr=cfg.train.lr * factor, initial_lr=cfg.train.lr, betas=tuple(cfg.train.betas),
-                         weight_decay=cfg.train.weight_decay)
+        self.set_learning_rate(cfg)
 
     def optimizer_step(self, params: list[torch.Tensor], grad_clip: float, loss: torch.Tensor,
                        world: World) -> torch.Tensor:
@@ -193,15 +189,36 @@ class TrainState:
         scale_before = self.scaler.get_scale() if self.scaler.is_enabled() else None
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        skipped = scale_before is not None and self.scaler.get_scale() < scale_before  # the scaler backed off
-        if not skipped:
+        if scale_before is None or self.scaler.get_scale() >= scale_before:  # else the scaler skipped it
             self.scheduler.step()
-            if self.ema is not None:
-                with nvtx_range("ema"):
-                    self.ema.update(self.method)
+            self.update_ema()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         return grad_norm
+
+    def after_graph_step(self, found_inf: torch.Tensor) -> None:
+        """What follows a captured step's replay, outside the graph: the LR schedule (filling the lr
+        tensors in place) and the EMA, which takes the update the device skipped as a mask."""
+        self.scheduler.step()
+        self.update_ema(skipped=found_inf)
+        self.step += 1
+
+    def update_ema(self, skipped: torch.Tensor | None = None) -> None:
+        if self.ema is not None:
+            with phase("ema"):
+                self.ema.update(self.method, skipped)
+
+    def set_learning_rate(self, cfg: Config) -> None:
+        """The current config's lr, betas and weight decay (a resumed run follows them: the
+        checkpoint's param groups would silently keep the old ones); lr tensors are filled in place."""
+        factor = lr_lambda(cfg)(self.scheduler.last_epoch)
+        self.scheduler.base_lrs = [cfg.train.lr for _ in self.optimizer.param_groups]
+        for group in self.optimizer.param_groups:
+            if isinstance(group["lr"], torch.Tensor):
+                group["lr"].fill_(cfg.train.lr * factor)
+            else:
+                group["lr"] = cfg.train.lr * factor
+            group.update(initial_lr=cfg.train.lr, betas=tuple(cfg.train.betas), weight_decay=cfg.train.weight_decay)
 
 
 # --------------------------------------------------------------------------- timing
@@ -215,9 +232,9 @@ class PhaseTimer:
         self.steps = 0
 
     @contextmanager
-    def phase(self, name: str):
+    def timed(self, name: str):
         start = time.perf_counter()
-        with nvtx_range(name):
+        with phase(name):
             yield
         self.seconds[name] += time.perf_counter() - start
 
@@ -254,6 +271,7 @@ class Session:
     grid_batch: Batch | None
     metrics: MetricsWriter | None
     timer: PhaseTimer
+    graph: StepGraph | None  # the captured step, when train.cuda_graphs is on and the run allows it
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -321,8 +339,12 @@ def setup(cfg: Config, world: World) -> Session:
     ema = EMA(method, cfg.train.ema_decay, cfg.train.ema_warmup) if cfg.train.ema_decay > 0 else None
 
     params = [p for p in method.parameters() if p.requires_grad]
+    graph_problem = capture_problem(cfg, method_cls, device, world.size) if cfg.train.cuda_graphs else None
+    capture = bool(cfg.train.cuda_graphs) and graph_problem is None
+    # Fused AdamW on every device: one kernel for all parameters (and on the CPU the fastest one);
+    # capturable (lr and step on the device) when the step is captured in a CUDA graph.
     optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, betas=tuple(cfg.train.betas),
-                                  weight_decay=cfg.train.weight_decay, fused=device.type == "cuda")
+                                  weight_decay=cfg.train.weight_decay, fused=True, capturable=capture)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     dtype = autocast_dtype(cfg.train.precision, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
@@ -336,12 +358,32 @@ def setup(cfg: Config, world: World) -> Session:
     model = method
     if world.size > 1:
         model = DistributedDataParallel(method, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.train.compile:
+        model = compiled(model, ema, cfg.train.compile)
+    graph = None
+    if cfg.train.cuda_graphs and world.is_main and graph_problem is not None:
+        tqdm.write(f"train.cuda_graphs = {cfg.train.cuda_graphs!r}: eager steps, because {graph_problem}")
+    if capture:
+        example = Batch(torch.zeros(cfg.train.batch_size, *data.sample_shape, device=device),
+                        torch.zeros(cfg.train.batch_size, dtype=torch.long, device=device))
+        graph = StepGraph(model, params, optimizer, example, cfg.train.grad_clip, dtype)
     grid_batch = next(iter(data.batches(0, cfg.sample.num))).to(device) if cfg.sample.every else None
     return Session(cfg=cfg, world=world, device=device, run_dir=run_dir, data=data, state=state, model=model,
                    params=params, dtype=dtype, batches=data.batches(state.data_position, cfg.train.batch_size),
                    grid_batch=grid_batch,
                    metrics=MetricsWriter(run_dir, state.step, cfg.log.tensorboard) if world.is_main else None,
-                   timer=PhaseTimer())
+                   timer=PhaseTimer(), graph=graph)
+
+
+def compiled(model: torch.nn.Module, ema: EMA | None, setting: bool | str) -> torch.nn.Module:
+    """torch.compile of the training loss (`model`, wrapped) and, in place so that checkpoint keys do
+    not change, of the networks the EMA copy samples with (its sample grids and evaluation)."""
+    mode = "max-autotune" if setting == "max-autotune" else None
+    if ema is not None:
+        for network in ema.module.children():
+            if any(True for _ in network.parameters()):  # networks, not buffer holders like a noise schedule
+                network.compile(mode=mode)
+    return torch.compile(model, mode=mode)
 
 
 def run_steps(s: Session, should_stop: Callable[[int], bool]) -> bool:
@@ -357,15 +399,19 @@ def run_steps(s: Session, should_stop: Callable[[int], bool]) -> bool:
             except DataReadError as err:
                 raise DataReadError(f"{err.__cause__}. {_save_before_stopping(s, last_saved)}") from err.__cause__
             progress.update(1)
-            if s.metrics is not None and (state.step % cfg.log.every == 0 or state.step == cfg.train.steps):
-                _log(s, terms, grad_norm, progress)
+            logging = state.step % cfg.log.every == 0 or state.step == cfg.train.steps
             stop_now = _agree(stop.requested or should_stop(state.step), s)
-            if state.step % cfg.checkpoint.every == 0 or stop_now or state.step == cfg.train.steps:
+            saving = state.step % cfg.checkpoint.every == 0 or stop_now or state.step == cfg.train.steps
+            if s.graph is not None and (logging or saving):
+                _check_graph_steps(s, last_saved)
+            if s.metrics is not None and logging:
+                _log(s, terms, grad_norm, progress)
+            if saving:
                 save_checkpoint(s)
                 last_saved = state.step
             # After the checkpoint: a failing picture must never cost the step's checkpoint.
             if s.grid_batch is not None and s.world.is_main and state.step % cfg.sample.every == 0:
-                with s.timer.phase("sample"):
+                with s.timer.timed("sample"):
                     _save_sample_grid(s)
             if stop_now:
                 break
@@ -383,29 +429,29 @@ def train_step(s: Session) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     accum = cfg.train.grad_accum
     terms: dict[str, torch.Tensor] = {}
     step_start_position = state.data_position
+    if s.graph is not None:
+        with s.timer.timed("data"):
+            batch = _next_batch(s, step_start_position)
+        with s.timer.timed("compute"):
+            terms, grad_norm, found_inf = s.graph.replay(batch)
+            state.after_graph_step(found_inf)
+        s.timer.steps += 1
+        return terms, grad_norm
     for micro in range(accum):
-        with s.timer.phase("data"):
-            try:
-                batch = next(s.batches)
-            except (ValueError, OSError) as err:  # an unreadable or vanished file: this step never happened
-                state.data_position = step_start_position
-                raise DataReadError() from err
-            batch = batch.to(s.device)
-            if cfg.train.channels_last:
-                batch = Batch(batch.x.contiguous(memory_format=torch.channels_last), batch.labels)
-            state.data_position += 1
-        with s.timer.phase("compute"):
+        with s.timer.timed("data"):
+            batch = _next_batch(s, step_start_position)
+        with s.timer.timed("compute"):
             # DDP all-reduces gradients only on the last micro-batch of the step.
             sync = nullcontext() if (s.world.size == 1 or micro == accum - 1) else s.model.no_sync()
             with sync:
-                with nvtx_range("forward"), torch.autocast(s.device.type, dtype=s.dtype,
+                with phase("forward"), torch.autocast(s.device.type, dtype=s.dtype,
                                                            enabled=s.dtype != torch.float32):
                     out = s.model(batch)
-                with nvtx_range("backward"):
+                with phase("backward"):
                     state.scaler.scale(out.loss / accum).backward()
             for key, value in {"loss": out.loss, **out.terms}.items():
                 terms[key] = terms.get(key, 0) + value.detach().float() / accum
-    with s.timer.phase("compute"), nvtx_range("optimizer"):
+    with s.timer.timed("compute"), phase("optimizer"):
         try:
             grad_norm = state.optimizer_step(s.params, cfg.train.grad_clip, terms["loss"], s.world)
         except NonFiniteLossError as err:
@@ -420,7 +466,8 @@ def finish(s: Session, evaluate: bool) -> None:
     if evaluate and s.world.is_main and s.cfg.eval.at_end:
         method = s.state.ema.module if s.state.ema else s.state.method
         method.eval()
-        results = method.evaluate(s.data, s.cfg.eval.per_class)
+        with phase("evaluation"):
+            results = method.evaluate(s.data, s.cfg.eval.per_class)
         if results:
             width = max(len(k) for k in results)
             tqdm.write("evaluation:\n" + "\n".join(f"  {k:<{width}}  {v:.5g}" for k, v in results.items()))
@@ -433,8 +480,35 @@ def finish(s: Session, evaluate: bool) -> None:
 # --------------------------------------------------------------------------- the pieces of a step
 
 
+def _next_batch(s: Session, step_start_position: int) -> Batch:
+    """The next micro-batch on the device; DataReadError (with the data position back at the start
+    of the step, which then never happened) when the source cannot read it."""
+    try:
+        batch = next(s.batches)
+    except (ValueError, OSError) as err:  # an unreadable or vanished file
+        s.state.data_position = step_start_position
+        raise DataReadError() from err
+    s.state.data_position += 1
+    batch = batch.to(s.device)
+    if s.cfg.train.channels_last:
+        batch = Batch(batch.x.contiguous(memory_format=torch.channels_last), batch.labels)
+    return batch
+
+
+def _check_graph_steps(s: Session, last_saved: int) -> None:
+    """Captured steps skip non-finite updates on the device; here, at a log line or checkpoint (a
+    sync point anyway), the host learns of them and stops without saving."""
+    skipped = s.graph.take_skipped()
+    if skipped:
+        raise NonFiniteLossError(
+            f"{skipped} step(s) between step {last_saved + 1} and step {s.state.step} had a non-finite loss or "
+            f"gradient norm; the device skipped their updates and nothing after step {last_saved} is saved. "
+            f"{_last_checkpoint_note(s)}: lower train.lr, enable train.grad_clip, or use train.precision = "
+            f"'fp32'")
+
+
 def save_checkpoint(s: Session) -> None:
-    with s.timer.phase("checkpoint"):
+    with s.timer.timed("checkpoint"):
         state = s.state
         # One sync per checkpoint: an update can make weights non-finite with a finite loss and
         # gradient (a huge step); such weights must never become a checkpoint that verifies.

@@ -87,14 +87,21 @@ def _ssm_bwd_kernel(fx_ptr, fy_ptr, grad_loss_ptr, grad_fx_ptr, grad_fy_ptr, S, 
         tl.store(grad_fy_ptr + out, -scale * grad_y, mask=out_ok)
 
 
-# Shared memory is num_stages x the four [BLOCK_S, BLOCK_D] fp32 operand tiles: at 64 x 64 Triton's
-# default of 3 stages needs 128 KiB, more than an sm_89 laptop GPU gives a block (99 KiB); 2 need 64.
+# Shared memory is num_stages x the four [BLOCK_S, BLOCK_D] fp32 operand tiles: 2 stages of 32 x 32
+# tiles need 32 KiB (an sm_89 laptop GPU gives a block 99 KiB).
 _NUM_STAGES = 2
+# Registers: two live [BLOCK_S, BLOCK_S] fp32 Gram tiles and the dot operands. With 64-row blocks at 4
+# warps ptxas needed 255 registers a thread and spilled (268 B of stores in the forward, 532 B in the
+# backward on sm_89); 32 x 32 blocks at 8 warps take 112-190 registers and spill nothing for sm_89
+# and sm_90, for D from 4 to 64 (engine-plan --kernels reports it; tests/test_plan_kernels.py checks).
+_MAX_BLOCK = 32
+_NUM_WARPS = 8
 
 
 def _block_sizes(S, D):
     # tl.dot needs every dimension >= 16: smaller S or D are padded with masked zero loads.
-    return min(64, max(16, triton.next_power_of_2(S))), min(64, max(16, triton.next_power_of_2(D)))
+    return (min(_MAX_BLOCK, max(16, triton.next_power_of_2(S))),
+            min(_MAX_BLOCK, max(16, triton.next_power_of_2(D))))
 
 
 class GramDistanceTriton(torch.autograd.Function):
@@ -107,7 +114,7 @@ class GramDistanceTriton(torch.autograd.Function):
         num_blocks = triton.cdiv(S, block_s)
         partial = torch.empty((B, num_blocks), device=f_x.device, dtype=torch.float32)
         _ssm_fwd_kernel[(B, num_blocks)](f_x, f_y, partial, S, D, BLOCK_S=block_s, BLOCK_D=block_d,
-                                         num_stages=_NUM_STAGES)
+                                         num_warps=_NUM_WARPS, num_stages=_NUM_STAGES)
         ctx.save_for_backward(f_x, f_y)
         return partial.sum() / (B * S * S)
 
@@ -125,5 +132,5 @@ class GramDistanceTriton(torch.autograd.Function):
         scale = 4.0 / (B * S * S)
         _ssm_bwd_kernel[grid](f_x, f_y, grad_loss.float().contiguous(), grad_fx, grad_fy, S, D, scale,
                               BLOCK_S=block_s, BLOCK_D=block_d, GRAD_X=need_grad_x, GRAD_Y=need_grad_y,
-                              num_stages=_NUM_STAGES)
+                              num_warps=_NUM_WARPS, num_stages=_NUM_STAGES)
         return grad_fx, grad_fy

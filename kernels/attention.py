@@ -1,9 +1,27 @@
 """Multi-head attention backends: xformers' memory_efficient_attention on CUDA when it imports and
-runs, else PyTorch's scaled_dot_product_attention (which has its own flash/mem-efficient kernels)."""
+accepts the inputs, else PyTorch's scaled_dot_product_attention (which has its own flash /
+memory-efficient kernels).
+
+Both fused paths need q, k and v with stride 1 along d (the last dimension): SDPA otherwise falls
+back to its fp32 "math" kernel, which stores [B, heads, L, L] matrices, and xformers refuses them.
+
+Beyond first derivatives. The fused kernels (SDPA's and xformers') have a backward with no
+derivative of its own and no forward-mode rule, so a backward taken with create_graph=True and
+differentiated again (LGT's Hutchinson divergence penalty) or a torch.func.jvp (flow map matching)
+would fail or be wrong through them. Code that needs those runs under `unfused_attention()`, inside
+which attention is written out as plain tensor ops (softmax(q k^T) v in fp32, as SDPA's math kernel
+computes it): differentiable to any order, in forward mode and under vmap. Everywhere else the
+fused kernels run with nothing wrapped around them (torch.compile traces them without a break).
+xformers is an optional build for one torch and CUDA: with `backend="auto"` an xformers that imports
+but rejects the inputs (or was built for another GPU) is skipped for SDPA, with one warning."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import threading
+import warnings
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -37,22 +55,63 @@ def _check_inputs(q, k, v):
                          f"{v.device}")
 
 
+@functools.cache
+def _warn_xformers_rejected(reason: str) -> None:
+    warnings.warn(f"xformers rejected the attention inputs ({reason}); using PyTorch SDPA", stacklevel=3)
+
+
+def _xformers_attention(xops, q, k, v):
+    # xformers takes [B, L, heads, d]: a transposed view of [B, heads, L, d], stride 1 along d kept.
+    out = xops.memory_efficient_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    return out.transpose(1, 2)
+
+
+def _written_out_attention(q, k, v):
+    """softmax(q k^T / sqrt(d)) v in fp32 (SDPA's math formulation), in q's dtype: differentiable
+    as many times as needed; it stores the [B, heads, Lq, Lk] probabilities."""
+    scores = (q.float() @ k.float().transpose(-2, -1)) * q.shape[-1] ** -0.5
+    return (scores.softmax(dim=-1) @ v.float()).to(q.dtype)
+
+
+_unfused = threading.local()
+
+
+@contextlib.contextmanager
+def unfused_attention() -> Iterator[None]:
+    """Attention inside this block runs as plain tensor ops (see the module doc)."""
+    previous = getattr(_unfused, "active", False)
+    _unfused.active = True
+    try:
+        yield
+    finally:
+        _unfused.active = previous
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "auto") -> torch.Tensor:
     """softmax(q k^T / sqrt(d)) v for q, k, v of shape [B, heads, L, d]; returns [B, heads, L, d].
 
     q, k and v must be floating point of one dtype on one device (ValueError otherwise); the result
     has that dtype and is differentiable in all three. backend: "auto" (xformers on CUDA when it
-    imports, else SDPA), "sdpa", or "xformers" (ValueError without xformers and CUDA tensors).
+    imports and accepts the inputs, else SDPA), "sdpa", or "xformers" (ValueError without xformers
+    and CUDA tensors, or when xformers rejects the inputs). Give q, k and v stride 1 along d for
+    the fused kernels (see the module doc).
     """
     if backend not in ATTENTION_BACKENDS:
         raise ValueError(f"attention backend must be one of {ATTENTION_BACKENDS}, got {backend!r}")
     _check_inputs(q, k, v)
-    use_xformers = backend == "xformers" or (backend == "auto" and q.is_cuda and _xformers_ops() is not None)
-    if use_xformers:
+    if getattr(_unfused, "active", False):
+        return _written_out_attention(q, k, v)
+    if backend == "xformers":
         xops = _xformers_ops()
         if xops is None or not q.is_cuda:
             raise ValueError("attention backend 'xformers' needs xformers installed and CUDA tensors")
-        # xformers wants [B, L, heads, d]
-        out = xops.memory_efficient_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-        return out.transpose(1, 2)
+        try:
+            return _xformers_attention(xops, q, k, v)
+        except NotImplementedError as err:  # xformers' "no operator found for these inputs"
+            raise ValueError(f"attention backend 'xformers' rejected the inputs: {err}") from err
+    if backend == "auto" and q.is_cuda and _xformers_ops() is not None:
+        try:
+            return _xformers_attention(_xformers_ops(), q, k, v)
+        except (NotImplementedError, ValueError) as err:  # rejected inputs, or a build for another GPU
+            _warn_xformers_rejected(str(err).splitlines()[0] if str(err) else type(err).__name__)
     return F.scaled_dot_product_attention(q, k, v)

@@ -8,6 +8,13 @@ fake implementations and autograd, so torch.compile traces through them without 
 The ops are registered here, without triton; their Triton kernels and launchers live in
 `kernels._triton_group_norm`, imported the first time an op runs.
 
+Forward-mode AD (torch.func.jvp, torch.autograd.forward_ad) and vmap: a torch.library custom op
+carries no jvp rule, and under torch.func.jvp it silently returns a zero tangent. So while a
+torch.func transform or a forward-AD level is active the op runs through `_FusedForwardAD`, an
+autograd.Function around the same forward op with the same backward, a jvp rule (`film_tangent`,
+the analytic tangent) and a vmap rule (the vmapped dimension folded into the batch, so the kernel
+runs once for the whole vmapped batch). Plain autograd and torch.compile see the custom op itself.
+
 Layout: x is read through its strides, so contiguous and channels_last inputs need no copy. The
 kernels index H and W as one spatial axis, which both layouts allow (stride_h == W * stride_w).
 
@@ -71,6 +78,9 @@ def group_norm_film_silu(x, num_groups, weight=None, bias=None, scale=None, shif
     resolved = resolve_backend(backend, x, weight, bias, scale, shift)
     if resolved == "torch":
         return group_norm_film_silu_reference(x, num_groups, weight, bias, scale, shift, eps, act)
+    if _transform_active():
+        y, _, _ = _FusedForwardAD.apply(x, num_groups, weight, bias, scale, shift, float(eps), bool(act))
+        return y
     y, _, _ = torch.ops.lgt.group_norm_film_silu_fwd(x, num_groups, weight, bias, scale, shift,
                                                      float(eps), bool(act))
     return y
@@ -197,3 +207,124 @@ def _backward(ctx, dy, _dmean, _drstd):
 
 
 _forward_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------
+# Forward-mode AD and vmap: the op inside an autograd.Function that has jvp and vmap rules.
+# ----------------------------------------------------------------------------------------------
+
+
+def _transform_active() -> bool:
+    """Whether a torch.func transform (jvp, vmap, grad, ...) or a forward-AD dual level is active."""
+    return torch._C._are_functorch_transforms_active() or torch.autograd.forward_ad._current_level >= 0
+
+
+def film_tangent(x, num_groups, weight, bias, scale, shift, eps, act, dx, dweight, dbias, dscale, dshift):
+    """The tangent of y for tangents dx, dweight, ... of the inputs (any may be None = zero).
+
+    Per group, with xhat = (x - mean) * rstd:
+        dxhat = rstd * (dx - mean(dx) - xhat * mean(xhat * dx))
+        dh    = dxhat * weight + xhat * dweight + dbias                  (h = xhat * weight + bias)
+        du    = dh * (1 + scale) + h * dscale + dshift                   (u = h * (1 + scale) + shift)
+        dy    = du * silu'(u),  silu'(u) = sigmoid(u) * (1 + u * (1 - sigmoid(u)))
+    The statistics are recomputed here from x with differentiable ops rather than taken from the
+    kernel (whose mean and rstd are non-differentiable outputs): the tangent is then an ordinary
+    autograd graph of the inputs and their tangents, so a loss on it (flow map matching's time
+    derivative) backpropagates exactly. Computed in fp32 (fp64 for fp64 x), returned in x's dtype."""
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    B = x.shape[0]
+    x_groups = x.to(dtype).reshape(B, num_groups, -1)
+    var, mean = torch.var_mean(x_groups, dim=2, unbiased=False, keepdim=True)
+    rstd = torch.rsqrt(var + eps)
+    xhat_groups = (x_groups - mean) * rstd
+    xhat = xhat_groups.reshape(x.shape)
+
+    def per_channel(t):  # [C] or [B, C] -> broadcastable against [B, C, H, W]
+        if t is None:
+            return None
+        t = t.to(dtype)
+        return t[:, :, None, None] if t.dim() == 2 else t[None, :, None, None]
+
+    w, b, s, sh, dw, db, ds, dsh = map(per_channel, (weight, bias, scale, shift, dweight, dbias, dscale, dshift))
+    h = xhat if w is None else xhat * w
+    h = h if b is None else h + b
+    dh = torch.zeros_like(xhat)
+    if dx is not None:
+        dx_groups = dx.to(dtype).reshape(B, num_groups, -1)
+        dxhat = rstd * (dx_groups - dx_groups.mean(2, keepdim=True)
+                        - xhat_groups * (xhat_groups * dx_groups).mean(2, keepdim=True))
+        dxhat = dxhat.reshape(x.shape)
+        dh = dxhat if w is None else dxhat * w
+    if dw is not None:
+        dh = dh + xhat * dw
+    if db is not None:
+        dh = dh + db
+    u, du = (h, dh) if s is None else (h * (1 + s), dh * (1 + s))
+    if ds is not None:
+        du = du + h * ds
+    if sh is not None:
+        u = u + sh
+    if dsh is not None:
+        du = du + dsh
+    if act:
+        sigmoid = torch.sigmoid(u)
+        du = du * sigmoid * (1 + u * (1 - sigmoid))
+    return du.to(x.dtype)
+
+
+class _FusedForwardAD(torch.autograd.Function):
+    """The fused forward op with its backward, plus jvp and vmap rules (see the module doc).
+    Returns (y, mean, rstd) like the op; mean and rstd are non-differentiable."""
+
+    @staticmethod
+    def forward(x, num_groups, weight, bias, scale, shift, eps, act):
+        return torch.ops.lgt.group_norm_film_silu_fwd(x, num_groups, weight, bias, scale, shift, eps, act)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _setup_context(ctx, inputs, output)
+        x, _, weight, bias, scale, shift, _, _ = inputs
+        ctx.save_for_forward(x, weight, bias, scale, shift)
+
+    @staticmethod
+    def backward(ctx, dy, dmean, drstd):
+        return _backward(ctx, dy, dmean, drstd)
+
+    @staticmethod
+    def jvp(ctx, dx, _dgroups, dweight, dbias, dscale, dshift, _deps, _dact):
+        x, weight, bias, scale, shift = ctx.saved_tensors
+        dy = film_tangent(x, ctx.num_groups, weight, bias, scale, shift, ctx.eps, ctx.act,
+                          dx, dweight, dbias, dscale, dshift)
+        return dy, None, None
+
+    @staticmethod
+    def vmap(info, in_dims, x, num_groups, weight, bias, scale, shift, eps, act):
+        """Fold the vmapped dimension V into the batch: x [V, B, C, H, W] -> [V * B, C, H, W], the
+        FiLM tensors to [V * B, C]. A vmapped weight or bias cannot stay [C]: it is folded into the
+        FiLM tensors, (xhat * w + b) * (1 + s) + t = xhat * (w (1 + s)) + (b (1 + s) + t)."""
+        V = info.batch_size
+        x_dim, _, weight_dim, bias_dim, scale_dim, shift_dim, _, _ = in_dims
+
+        def leading(t, dim):  # the vmapped dimension first (expanded when t is not vmapped)
+            if t is None:
+                return None
+            return t.movedim(dim, 0) if dim is not None else t.expand(V, *t.shape)
+
+        xs = leading(x, x_dim)  # [V, B, C, H, W]
+        B, C = xs.shape[1:3]
+        scale, shift = leading(scale, scale_dim), leading(shift, shift_dim)  # [V, B, C] or None
+        if weight_dim is not None or bias_dim is not None:
+            one_plus_scale = 1 if scale is None else 1 + scale
+            if bias is not None:
+                bias_term = leading(bias, bias_dim)[:, None, :] * one_plus_scale  # [V, 1 or B, C]
+                shift = bias_term if shift is None else bias_term + shift
+            if weight is not None:
+                scale = leading(weight, weight_dim)[:, None, :] * one_plus_scale - 1
+            weight = bias = None
+
+        def flat(t):
+            return None if t is None else t.expand(V, B, C).reshape(V * B, C)
+
+        y, mean, rstd = _FusedForwardAD.apply(xs.reshape(V * B, *xs.shape[2:]), num_groups, weight, bias,
+                                              flat(scale), flat(shift), eps, act)
+        return (y.view(V, B, *y.shape[1:]), mean.view(V, B, -1), rstd.view(V, B, -1)), (0, 0, 0)

@@ -270,7 +270,7 @@ def test_builder_hands_latent_paths_and_device_to_the_latent_source(monkeypatch)
     assert calls == [("/data/z.safetensors", 3, 1, "cuda")]
 
 
-@pytest.mark.parametrize("source", ["webdataset:/x", "folder:", "builtin:digits"])
+@pytest.mark.parametrize("source", ["webdataset:/x", "folder:", "builtin:mnist"])
 def test_builder_rejects_unknown_sources_listing_the_valid_ones(source):
     with pytest.raises(ConfigError, match="builtin:textures.*folder:PATH.*latents:PATH"):
         build_data_source(DataConfig(source=source), seed=0)

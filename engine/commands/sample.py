@@ -1,7 +1,11 @@
-"""engine-sample: a PNG grid of samples from a trained diffusion run (EMA weights by default).
+"""engine-sample: a PNG grid of samples from a trained generative run (EMA weights by default).
 
-    engine-sample --checkpoint RUN [--sampler ddpm|ddim] [--steps 50] [--eta 0] [--cfg 1.5]
+    engine-sample --checkpoint RUN [--sampler NAME] [--steps N] [--eta 0] [--cfg 1.5]
                   [--labels brick,grass] [--n 16] [--seed 0] [--device auto] --out samples.png
+
+Runs of ddpm, fm (flow matching), fmm (flow map matching) and score_flow. Each method has its own
+samplers (SAMPLERS_OF); --sampler and --steps default to the ones the run's sample grids used
+(its [ddpm] / [fm] / [fmm] / [score_flow] section). --eta is DDIM's alone.
 """
 
 from __future__ import annotations
@@ -12,24 +16,38 @@ from pathlib import Path
 
 import torch
 
-from engine.commands import add_device_argument, at_least, finite_float, non_negative_float, run_command
+from engine.commands import (
+    UsageError,
+    add_device_argument,
+    at_least,
+    finite_float,
+    non_negative_float,
+    run_command,
+)
 from engine.data.base import class_ids
+from engine.methods import ddpm, flow_map_matching, flow_matching, score_flow
 from engine.pictures import save_grid
 from engine.runs import load_run
 
 PROG = "engine-sample"
-SAMPLING_METHODS = ("ddpm",)
+SAMPLERS_OF = {"ddpm": ddpm.SAMPLERS, "fm": flow_matching.SAMPLERS, "fmm": flow_map_matching.SAMPLERS,
+               "score_flow": score_flow.SAMPLERS}
+SAMPLING_METHODS = tuple(SAMPLERS_OF)
+ALL_SAMPLERS = tuple(dict.fromkeys(name for samplers in SAMPLERS_OF.values() for name in samplers))
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROG, description="Draw a PNG grid of samples from a trained "
-                                                            "diffusion run.")
+                                                            "ddpm, fm, fmm or score_flow run.")
     parser.add_argument("--checkpoint", required=True, help="run directory or checkpoints/step-N directory")
     parser.add_argument("--out", default="samples.png", help="PNG file to write")
     parser.add_argument("--n", type=at_least(1), default=16, help="number of samples")
-    parser.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddim")
-    parser.add_argument("--steps", type=at_least(1), default=50, help="DDIM steps (DDPM uses every timestep)")
-    parser.add_argument("--eta", type=non_negative_float, default=0.0, help="DDIM eta (0 = deterministic)")
+    parser.add_argument("--sampler", choices=ALL_SAMPLERS,
+                        help="ddpm: ddpm | ddim; fm: euler | midpoint | heun | dopri5; fmm: compose; "
+                             "score_flow: euler | heun (default: the run's grid sampler)")
+    parser.add_argument("--steps", type=at_least(1), help="sampler steps (DDPM uses every timestep; dopri5: "
+                        "the first step is 1/steps; default: the run's grid steps)")
+    parser.add_argument("--eta", type=non_negative_float, help="DDIM eta (0 = deterministic, the default)")
     parser.add_argument("--cfg", type=finite_float, default=1.0, help="classifier-free guidance scale")
     parser.add_argument("--labels", help="comma-separated class ids or names (default: cycle over classes)")
     parser.add_argument("--nrow", type=at_least(0), default=0, help="images per grid row (default: ~sqrt(n))")
@@ -47,6 +65,22 @@ def labels_for(text: str | None, class_names: list[str], n: int) -> list[int] | 
     return [labels[i % len(labels)] for i in range(n)]
 
 
+def sampler_settings(args, run) -> dict:
+    """The sampler keyword arguments for the run's method: --sampler/--steps or the run's grid settings;
+    UsageError for a sampler the method does not have or --eta outside DDIM."""
+    method = run.config.method.name
+    section = getattr(run.config, method)
+    sampler = args.sampler or getattr(section, "sampler", SAMPLERS_OF[method][0])
+    if sampler not in SAMPLERS_OF[method]:
+        raise UsageError(f"--sampler {sampler}: a {method} run samples with {' | '.join(SAMPLERS_OF[method])}")
+    settings = {"sampler": sampler, "steps": args.steps or section.sample_steps}
+    if args.eta is not None:
+        if sampler != "ddim":
+            raise UsageError(f"--eta is DDIM's noise scale; a {method} run sampled with {sampler} has no eta")
+        settings["eta"] = args.eta
+    return settings
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
@@ -54,18 +88,18 @@ def main(argv: list[str] | None = None) -> int:
         run = load_run(args.checkpoint, args.device, ema=not args.raw_weights, methods=SAMPLING_METHODS,
                        hint=" (LGT runs: engine-transfer; autoencoders: engine-encode)")
         method, device = run.method, run.device
+        settings = sampler_settings(args, run)
         labels = labels_for(args.labels, run.data_info.class_names, args.n)
         generator = torch.Generator(device).manual_seed(args.seed)
         images = method.sample(args.n, generator,
                                labels=None if labels is None else torch.tensor(labels, device=device),
-                               sampler=args.sampler, steps=args.steps, eta=args.eta, cfg_scale=args.cfg,
-                               progress=True)
+                               cfg_scale=args.cfg, progress=True, **settings)
         nrow = args.nrow or max(1, round(args.n ** 0.5))
         save_grid(images.clamp(-1, 1).float().cpu(), Path(args.out), nrow)
-        print(f"wrote {args.out} ({args.n} samples, {args.sampler}, step {run.step} of {args.checkpoint})")
+        print(f"wrote {args.out} ({args.n} samples, {settings['sampler']} x {settings['steps']}, step {run.step} "
+              f"of {args.checkpoint})")
 
     return run_command(PROG, body)
-
 
 
 if __name__ == "__main__":

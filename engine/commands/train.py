@@ -1,9 +1,11 @@
 """engine-train: train (or resume: run the same command again) the run a TOML config describes.
 
     engine-train CONFIG.toml [--section.key=value ...] [--print-config]
+    engine-train CONFIG.toml [--section.key=value ...] --plan [--gpu NAME] [--budget 8GiB] [--json]
 
 config -> preparation (built-in data made into files, cached) -> training. Under torchrun every
 process runs this; preparation happens before the process group exists (see engine/prepare.py).
+--plan prints what engine-plan prints (will it fit, how fast can it be) and trains nothing.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import argparse
 import sys
 
 from engine.commands import EXIT_INTERRUPTED, run_command
+from engine.commands.plan import add_plan_arguments, print_plan
 from engine.config import describe_options, load_config, with_absolute_paths
 from engine.distributed import World
 from engine.prepare import prepare
@@ -28,6 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("config", help="TOML config file, e.g. configs/lgt_4070.toml")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    plan = parser.add_argument_group("--plan: predict memory and speed instead of training (see engine-plan)")
+    plan.add_argument("--plan", action="store_true", help="print the plan of this config and exit (no GPU, no data)")
+    add_plan_arguments(plan)
     return parser
 
 
@@ -36,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def body() -> int:
         cfg = with_absolute_paths(load_config(args.config, overrides))
+        if args.plan:
+            return print_plan(cfg, args, args.config)
         if args.print_config:
             print(cfg.to_toml(), end="")
             return 0

@@ -12,6 +12,7 @@ import torch
 
 from engine.data.base import Batch, DataSource, Stream, batch_seed
 from engine.data.builtin import BuiltinTextures
+from engine.data.digits import BuiltinDigits
 from engine.data.images import ImageFolderSource
 from engine.data.latents import LatentSource
 from engine.options import ConfigError
@@ -27,9 +28,11 @@ def build_data_source(cfg, seed: int, rank: int = 0, world_size: int = 1,
     kind, _, path = cfg.source.partition(":")
     if cfg.source == "builtin:textures":
         return BuiltinTextures(cfg.image_size, cfg.flip, seed, rank)
+    if cfg.source == "builtin:digits":
+        return BuiltinDigits(seed, rank)
     if kind == "folder" and path:
         return ImageFolderSource(Path(path), cfg.image_size, cfg.flip, seed, rank, cfg.num_workers, world_size)
     if kind == "latents" and path:
         return LatentSource.load(path, seed, rank, device)
-    raise ConfigError(f"data.source = {cfg.source!r} is not one of 'builtin:textures', 'folder:PATH' "
+    raise ConfigError(f"data.source = {cfg.source!r} is not one of 'builtin:textures', 'builtin:digits', 'folder:PATH' "
                       f"(one sub-folder per class of PNG/JPEG images) or 'latents:PATH' (from engine-encode)")

@@ -6,9 +6,13 @@ from __future__ import annotations
 from engine.methods.autoencoder import AutoencoderMethod
 from engine.methods.base import LossOutput, Method
 from engine.methods.ddpm import DDPM
+from engine.methods.flow_map_matching import FlowMapMatching
+from engine.methods.flow_matching import FlowMatching
 from engine.methods.lgt import LGT
+from engine.methods.score_flow import ScoreFlow
 
-METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (DDPM, AutoencoderMethod, LGT)}
+METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (DDPM, AutoencoderMethod, LGT, FlowMatching,
+                                                                   FlowMapMatching, ScoreFlow)}
 
 
 def method_class(name: str) -> type[Method]:

@@ -87,6 +87,12 @@ class Method(nn.Module):
         """Rules that span sections: `check(ok, "section.key", message)` for each; none by default."""
 
     @classmethod
+    def graph_capture_problem(cls, cfg) -> str | None:
+        """Why a training step of this method, so configured, cannot be captured as a CUDA graph
+        (engine/graphs.py), or None; none by default."""
+        return None
+
+    @classmethod
     def training_data(cls, cfg, rank: int, world_size: int, device: torch.device):
         """The data source this method trains on; most methods take `data.source` as it is."""
         return build_data_source(cfg.data, cfg.run.seed, rank, world_size, device)

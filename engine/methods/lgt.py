@@ -26,12 +26,14 @@ with the factor its latents were made with.
 from __future__ import annotations
 
 import warnings
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 from tqdm import tqdm
 
+import kernels
 from engine.data.base import Batch, DataInfo
 from engine.data.latents import LatentSource
 from engine.methods.base import LossOutput, Method, NotOwned
@@ -47,6 +49,7 @@ from engine.methods.ode import SOLVERS, integrate, integrate_with_aux
 from engine.methods.sections import AutoencoderConfig, ModelConfig, PrepareConfig, check_prepare_sizes
 from engine.models.unet import UNet
 from engine.options import option
+from engine.profiling import phase
 
 TIME_SCALE = 1000.0  # t in [0, 1] -> the sinusoidal embedding's range (resolves ~1e-3 steps)
 TRANSFER_BATCH = 64  # rows per network call at inference (x2 with guidance)
@@ -181,6 +184,15 @@ class LGT(Method):
         check_prepare_sizes(cfg, check)
 
     @classmethod
+    def graph_capture_problem(cls, cfg) -> str | None:
+        # A captured solver step is recomputed without restoring the RNG state (a capture cannot
+        # save it), which is exact only when nothing inside the step draws random numbers.
+        if cfg.ode.checkpoint and (cfg.lgt.w_div > 0 or cfg.model.dropout > 0):
+            return ("ode.checkpoint = true with random draws inside a solver step (lgt.w_div > 0 draws "
+                    "Hutchinson probes, model.dropout > 0 dropout masks)")
+        return None
+
+    @classmethod
     def training_data(cls, cfg, rank: int, world_size: int, device: torch.device) -> LatentSource:
         """The latents of data.source (built-in images were turned into a latents file by the
         preparation stage). With lgt.holdout_per_style > 0 the first that many latents of every style
@@ -233,7 +245,10 @@ class LGT(Method):
         def field(x, t):
             if with_div and not x.requires_grad:
                 x = x.detach().requires_grad_(True)  # the first step starts from data
-            v = self.velocity(x, t, condition)
+            # The divergence penalty differentiates the velocity's backward again, which the fused
+            # attention kernels cannot; inside `field`, so the checkpointed recomputation does the same.
+            with kernels.unfused_attention() if with_div else nullcontext():
+                v = self.velocity(x, t, condition)
             aux = (v.float().square().mean(),)
             if with_div:
                 divergence = hutchinson_divergence(v, x, random_probe(x, self.div_probe))  # [B]
@@ -254,9 +269,13 @@ class LGT(Method):
         source, source_style = batch.x.float(), batch.labels
         target, condition = draw_targets(source_style, self.num_styles, self.label_drop_prob)
         reference = sample_style_reference(data.latents, data.style_index, target, source)
-        x1, regularisers = self.transport(source, condition)
-        terms = {"style": self.style_energy(x1, reference), "content": self.content_energy(x1, source),
-                 **regularisers}
+        with phase("transport"):
+            x1, regularisers = self.transport(source, condition)
+        with phase("style energy"):
+            style = self.style_energy(x1, reference)
+        with phase("content energy"):
+            content = self.content_energy(x1, source)
+        terms = {"style": style, "content": content, **regularisers}
         loss = sum(self.weights[name] * value for name, value in terms.items() if self.weights[name] > 0)
         return LossOutput(loss, {name: value.detach() for name, value in terms.items()})
 

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 import torch
 from torch.utils.checkpoint import checkpoint as checkpoint_step
 
+from engine.profiling import phase
+
 Tensor = torch.Tensor
 # (x [B, ...], t [B]) -> v like x, or (v, aux) with aux a tuple of scalar tensors
 Field = Callable[[Tensor, Tensor], Tensor]
@@ -77,6 +79,13 @@ def rk_step(field: FieldWithAux, x: Tensor, t: Tensor, h: float, tableau: Tablea
     return (x + update, *aux_sums)
 
 
+def _capturing_cuda_graph() -> bool:
+    """During CUDA graph capture the RNG state cannot be read back to be restored for the
+    recomputation; the capture is only allowed when a step draws no random numbers (see
+    LGT.graph_capture_problem), so the recomputation is exact without it."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
 def integrate_with_aux(field: FieldWithAux, x0: Tensor, solver: str = "euler", steps: int = 4, *,
                        checkpoint: bool = False, t0: float = 0.0, t1: float = 1.0
                        ) -> tuple[Tensor, tuple[Tensor, ...]]:
@@ -89,10 +98,12 @@ def integrate_with_aux(field: FieldWithAux, x0: Tensor, solver: str = "euler", s
     totals: tuple[Tensor, ...] = ()
     for n in range(steps):
         t = torch.full((x0.shape[0],), t0 + n * h, device=x0.device, dtype=torch.float32)
-        if checkpoint and torch.is_grad_enabled():
-            out = checkpoint_step(rk_step, field, x, t, h, tableau, use_reentrant=False)
-        else:
-            out = rk_step(field, x, t, h, tableau)
+        with phase(f"ode step {n + 1}/{steps}"):
+            if checkpoint and torch.is_grad_enabled():
+                out = checkpoint_step(rk_step, field, x, t, h, tableau, use_reentrant=False,
+                                      preserve_rng_state=not _capturing_cuda_graph())
+            else:
+                out = rk_step(field, x, t, h, tableau)
         x, aux = out[0], out[1:]
         totals = aux if not totals else tuple(s + a for s, a in zip(totals, aux))
     return x, totals

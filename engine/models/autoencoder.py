@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import kernels
+from engine.models.attention import spatial_attention
 from engine.models.layers import GroupNorm, Upsample
 
 INITIAL_LOGVAR = -6.0  # initial posterior log-variance of both autoencoders (see AutoencoderKL)
@@ -85,13 +85,8 @@ class AttentionBlock(nn.Module):
         self.proj_out = nn.Conv2d(channels, channels, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, C, H, W = x.shape
-        qkv = self.qkv(self.norm(x))
-        # [B, 3C, H, W] -> three [B, 1, H*W, C]
-        q, k, v = qkv.flatten(2).transpose(1, 2).unsqueeze(1).chunk(3, dim=-1)
-        out = kernels.attention(q.contiguous(), k.contiguous(), v.contiguous())
-        out = out.squeeze(1).transpose(1, 2).reshape(B, C, H, W)
-        return x + self.proj_out(out)
+        # q, k, v reach the attention kernel with stride 1 along d (see engine/models/attention.py).
+        return x + spatial_attention(self.norm(x), self.qkv, self.proj_out, num_heads=1)
 
 
 class Downsample(nn.Module):

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint as checkpoint_block
 
-import kernels
+from engine.models.attention import spatial_attention
 from engine.models.embeddings import ClassEmbedding, TimestepEmbedding
 from engine.models.layers import GroupNorm, Upsample
 
@@ -70,11 +70,8 @@ class AttentionBlock(nn.Module):
         self.proj = zero_init(nn.Conv2d(channels, channels, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, C, H, W = x.shape
-        qkv = self.qkv(self.norm(x)).reshape(B, 3, self.num_heads, C // self.num_heads, H * W)
-        q, k, v = qkv.transpose(-1, -2).unbind(1)  # [B, heads, H*W, d] each
-        h = kernels.attention(q, k, v)  # [B, heads, H*W, d]
-        return x + self.proj(h.transpose(-1, -2).reshape(B, C, H, W))
+        # q, k, v reach the attention kernel with stride 1 along d (see engine/models/attention.py).
+        return x + spatial_attention(self.norm(x), self.qkv, self.proj, self.num_heads)
 
 
 class Downsample(nn.Module):
