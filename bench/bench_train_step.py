@@ -36,6 +36,7 @@ import engine.train as train_module
 from engine.config import load_config
 from engine.data.latents import AutoencoderIdentity, LatentFile, write_latents
 from engine.distributed import World
+from engine.methods import method_class
 from engine.methods.lgt import draw_targets, sample_style_reference
 from engine.methods.ode import integrate
 from engine.models.layers import GroupNorm
@@ -158,8 +159,9 @@ def variants(kind: str, folder: Path, compile_too: bool) -> dict[str, Callable[[
     steps = {"baseline": baseline_step(session_for(config, overrides, folder / "baseline"), kind),
              "engine": engine_step(session_for(config, overrides, folder / "engine"))}
     if compile_too:
-        steps["engine+compile"] = engine_step(session_for(config, overrides, folder / "compiled",
-                                                          "--train.compile=true"))
+        compiled = session_for(config, overrides, folder / "compiled", "--train.compile=true")
+        if method_class(compiled.cfg.method.name).compile_problem(compiled.cfg, compiled.device) is None:
+            steps["engine+compile"] = engine_step(compiled)
     if on_gpu():
         steps["engine+graphs"] = engine_step(session_for(config, overrides, folder / "graphs",
                                                          "--train.cuda_graphs=true"))

@@ -63,7 +63,8 @@ class TrainConfig:
     grad_clip: float = option(1.0, "clip the global gradient norm to this (0 = no clipping)")
     ema_decay: float = option(0.999, "EMA decay of the weights used for samples (0 = no EMA)")
     ema_warmup: bool = option(True, "EMA decay ramps as min(decay, (1+n)/(10+n)) so early EMA tracks the model")
-    channels_last: bool = option(False, "keep activations in channels_last memory format (CUDA)")
+    channels_last: bool = option(False, "keep activations in channels_last memory format (faster convolutions on "
+                                 "CUDA, and with mkldnn on a CPU)")
     compile: bool | str = option(False, "torch.compile the training loss and the networks the sample grids use "
                                  "(false, true, or 'max-autotune': longer compile, faster kernels)",
                                  (False, True, "max-autotune"))

@@ -358,7 +358,10 @@ def setup(cfg: Config, world: World) -> Session:
     model = method
     if world.size > 1:
         model = DistributedDataParallel(method, device_ids=[device.index] if device.type == "cuda" else None)
-    if cfg.train.compile:
+    compile_problem = method_cls.compile_problem(cfg, device) if cfg.train.compile else None
+    if compile_problem is not None and world.is_main:
+        tqdm.write(f"train.compile = {cfg.train.compile!r}: eager steps, because {compile_problem}")
+    if cfg.train.compile and compile_problem is None:
         model = compiled(model, ema, cfg.train.compile)
     graph = None
     if cfg.train.cuda_graphs and world.is_main and graph_problem is not None:

@@ -3,6 +3,7 @@ eager loss; a compiled run trains like an eager one. Compiled with the aot_eager
 graph capture and autograd are what is tested; inductor's C++ code generation would take minutes
 on a CI machine)."""
 
+import pytest
 import torch
 from test_graphs import lgt_config
 from test_train import losses, tiny_config
@@ -51,3 +52,10 @@ def test_a_compiled_run_trains_like_an_eager_one(tmp_path, monkeypatch):
     for step, loss in losses(tmp_path / "eager").items():
         assert abs(losses(tmp_path / "compiled")[step] - loss) < 1e-5
     assert (tmp_path / "compiled" / "samples" / "step-0000003.png").exists()
+
+
+def test_a_loss_known_to_crash_the_cpu_compiler_trains_eagerly_and_says_why(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(torch, "compile", lambda *args, **kwargs: pytest.fail("compiled a loss known to crash"))
+    result = train(lgt_config(tmp_path, "--train.steps=1", "--train.compile=true"))
+    assert result.step == 1
+    assert "train.compile = True: eager steps, because torch 2.13's CPU inductor crashes" in capsys.readouterr().out

@@ -87,6 +87,12 @@ class Method(nn.Module):
         """Rules that span sections: `check(ok, "section.key", message)` for each; none by default."""
 
     @classmethod
+    def compile_problem(cls, cfg, device: torch.device) -> str | None:
+        """Why this method's loss must not be compiled with torch.compile on `device` (the run then
+        trains eagerly and says why once), or None; none by default."""
+        return None
+
+    @classmethod
     def graph_capture_problem(cls, cfg) -> str | None:
         """Why a training step of this method, so configured, cannot be captured as a CUDA graph
         (engine/graphs.py), or None; none by default."""

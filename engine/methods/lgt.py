@@ -184,6 +184,17 @@ class LGT(Method):
         check_prepare_sizes(cfg, check)
 
     @classmethod
+    def compile_problem(cls, cfg, device: torch.device) -> str | None:
+        # Found by running it: torch 2.13's CPU inductor corrupts memory ("double free or corruption",
+        # or a segfault) in the compiled backward of this loss when both energies are on and the SSM
+        # subsamples positions; each energy alone compiles and runs. CUDA runs the energies as
+        # custom kernels instead.
+        if device.type == "cpu" and cfg.lgt.w_style > 0 and cfg.lgt.w_content > 0 and cfg.ssm.max_spatial_samples:
+            return ("torch 2.13's CPU inductor crashes in the compiled backward of LGT's energies (patch SWD with "
+                    "subsampled SSM)")
+        return None
+
+    @classmethod
     def graph_capture_problem(cls, cfg) -> str | None:
         # A captured solver step is recomputed without restoring the RNG state (a capture cannot
         # save it), which is exact only when nothing inside the step draws random numbers.
