@@ -6,7 +6,9 @@ then SiLU as separate ops; an unfold-based patch SWD over the pooled batch; a co
 full-resolution Gram matrices; no solver checkpointing; AdamW's default (foreach) implementation.
 The engine step is `engine.train.train_step` on a real Session (fused ops where the device has
 them, per-sample patch SWD, subsampled SSM, checkpointed solver steps, fused AdamW), with
-torch.compile on and off, and CUDA graphs on and off where there is a GPU.
+torch.compile on and off, and CUDA graphs on and off where there is a GPU; on a CPU with the csrc op
+library also the engine step with the PyTorch reference ops ("engine, torch ops"), for the C++ ops'
+share.
 
 Shapes: LGT at configs/lgt_cpu.toml's (4x8x8 latents, batch 8) on a CPU, configs/lgt_4070.toml's
 (4x32x32, batch 48) on a GPU; DDPM at 3x32x32. Peak memory is the allocator's: CUDA's
@@ -33,6 +35,7 @@ import torch.nn.functional as F
 from common import device_name, on_gpu
 
 import engine.train as train_module
+import kernels
 from engine.config import load_config
 from engine.data.latents import AutoencoderIdentity, LatentFile, write_latents
 from engine.distributed import World
@@ -40,6 +43,7 @@ from engine.methods import method_class
 from engine.methods.lgt import draw_targets, sample_style_reference
 from engine.methods.ode import integrate
 from engine.models.layers import GroupNorm
+from kernels._dispatch import csrc_loaded
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -134,8 +138,13 @@ def session_for(config: str, overrides: list[str], folder: Path, *extra: str):
     return train_module.setup(cfg, World())
 
 
-def engine_step(session) -> Callable[[], torch.Tensor]:
-    return lambda: train_module.train_step(session)[0]["loss"]
+def engine_step(session, ops: str = "auto") -> Callable[[], torch.Tensor]:
+    """One training step; `ops` = what the kernels' backend="auto" means inside it (see
+    kernels.auto_backend): "torch" runs the engine with the PyTorch reference ops."""
+    def step():
+        with kernels.auto_backend(ops):
+            return train_module.train_step(session)[0]["loss"]
+    return step
 
 
 def baseline_step(session, kind: str) -> Callable[[], object]:
@@ -158,6 +167,8 @@ def variants(kind: str, folder: Path, compile_too: bool) -> dict[str, Callable[[
         config = "lgt_4070.toml"
     steps = {"baseline": baseline_step(session_for(config, overrides, folder / "baseline"), kind),
              "engine": engine_step(session_for(config, overrides, folder / "engine"))}
+    if not on_gpu() and csrc_loaded():  # the C++ ops' share of the engine's CPU step
+        steps["engine, torch ops"] = engine_step(session_for(config, overrides, folder / "torch_ops"), "torch")
     if compile_too:
         compiled = session_for(config, overrides, folder / "compiled", "--train.compile=true")
         if method_class(compiled.cfg.method.name).compile_problem(compiled.cfg, compiled.device) is None:
@@ -228,9 +239,9 @@ def measure(kind: str, compile_too: bool) -> dict:
 
 def report(kind: str, result: dict) -> None:
     print(f"\n{kind} step on {result['device']}, batch {result['batch']}, median of {STEPS}:")
-    print(f"{'variant':<16} {'ms/step':>9} {'samples/s':>10} {'peak MiB':>9} {'speed x':>8} {'memory x':>9}")
+    print(f"{'variant':<18} {'ms/step':>9} {'samples/s':>10} {'peak MiB':>9} {'speed x':>8} {'memory x':>9}")
     for name, row in result["steps"].items():
-        print(f"{name:<16} {row['median_ms']:>9.1f} {row['samples_per_s']:>10.1f} {row['peak_mib']:>9.1f} "
+        print(f"{name:<18} {row['median_ms']:>9.1f} {row['samples_per_s']:>10.1f} {row['peak_mib']:>9.1f} "
               f"{row['speed_vs_baseline']:>8.2f} {row['memory_vs_baseline']:>9.2f}")
     RESULTS.mkdir(exist_ok=True)
     name = "gpu" if on_gpu() else "cpu"

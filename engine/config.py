@@ -101,7 +101,10 @@ class DataConfig:
                          "labels 0-9) | folder:PATH (one sub-folder per class) | latents:PATH")
     image_size: int = option(32, "side of the square crops fed to the model (builtin:textures, folders; digits are 28)")
     flip: bool = option(True, "random horizontal flips (builtin:textures, folders; never digits)")
-    num_workers: int = option(2, "DataLoader worker processes for image folders")
+    num_workers: int = option(2, "DataLoader worker processes (DALI: decoding threads) for image folders")
+    loader: str = option("auto", "what decodes folder:PATH images: auto = DALI where nvidia-dali imports (on the GPU "
+                         "when training on CUDA), else torch; torch = a DataLoader; dali = DALI "
+                         "(pip install -e '.[dali]')", ("auto", "torch", "dali"))
     autoencoder: str = option("", "autoencoder that encodes/decodes latents: a run directory, a checkpoint or a "
                               "local diffusers folder ('' = the one the latents file records; for methods that "
                               "train on latents of builtin:textures, the built-in one)")

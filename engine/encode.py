@@ -2,17 +2,19 @@
 sub-folder per style / class), and what the preparation stage does with built-in crops.
 
 Each image is resized so its shorter side is --image-size and centre-cropped to a square, then
-encoded in batches (on the GPU when there is one). The posterior mean is stored unless --sample
-asks for a draw. Latents are multiplied by the scaling factor before they are stored: the
-autoencoder's own (a diffusers VAE's config value) when it has one, else 1 / std of all the
-latents of this folder, estimated here (the engine's own autoencoders leave theirs at 0 = "not
-estimated"). The file records the factor it used, the class names and which autoencoder made it
+encoded in batches (on the GPU when there is one); PIL decodes the images on threads, or a DALI
+pipeline does (--loader, as data.loader: see engine/data/dali.py). The posterior mean is stored
+unless --sample asks for a draw. Latents are multiplied by the scaling factor before they are
+stored: the autoencoder's own (a diffusers VAE's config value) when it has one, else 1 / std of
+all the latents of this folder, estimated here (the engine's own autoencoders leave theirs at 0 =
+"not estimated"). The file records the factor it used, the class names and which autoencoder made it
 (path + weights hash); see engine/data/latents.py for the format. Nothing half-written is left
 behind: the file appears under its name only once it is complete.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -23,7 +25,8 @@ from torch import nn
 from tqdm import tqdm
 
 from engine.autoencoders import load_autoencoder
-from engine.data.images import scan_image_folder
+from engine.data.dali import DaliReader, use_dali
+from engine.data.images import scan_image_folder, verify_image_header
 from engine.data.latents import AutoencoderIdentity, LatentFile, write_latents
 from engine.distributed import resolve_device
 from engine.pictures import load_image
@@ -126,17 +129,41 @@ def _image_batches(samples: list[tuple[Path, int]], image_size: int, channels: i
             yield torch.stack([f.result() for f in decoding]), labels, [str(path) for path, _ in chunk]
 
 
+def _dali_image_batches(samples: list[tuple[Path, int]], image_size: int, channels: int, batch_size: int,
+                        workers: int, device: torch.device) -> Iterator[ImageBatch]:
+    """`_image_batches`, decoded by a DALI pipeline (on `device`'s GPU when it is a CUDA device).
+    Every file's header is read first (DALI needs the sizes): a damaged file fails here, by name."""
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        headers = list(pool.map(verify_image_header, (path for path, _ in samples)))
+    reader = DaliReader(samples, headers, image_size, workers, device)
+    batches = reader.batches(lambda number: reader.centre_crops(range(number * batch_size,
+                                                                      min(len(samples), (number + 1) * batch_size))),
+                             batch_size, count=math.ceil(len(samples) / batch_size))
+    for number, (images, labels) in enumerate(batches):
+        names = [str(path) for path, _ in samples[number * batch_size:(number + 1) * batch_size]]
+        yield (images.mean(dim=1, keepdim=True) if channels == 1 else images), labels, names
+
+
 def encode_folder(images: str | Path, autoencoder: str | Path, out: str | Path, batch_size: int = 32,
                   sample: bool = False, dtype: str = "fp16", image_size: int = 256, device: str = "auto",
-                  seed: int = 0, workers: int | None = None) -> LatentFile:
-    """What `engine-encode` does; returns the written `LatentFile`."""
+                  seed: int = 0, workers: int | None = None, loader: str = "auto") -> LatentFile:
+    """What `engine-encode` does; returns the written `LatentFile`. `loader`: what decodes the
+    images, "auto", "torch" (PIL on threads) or "dali" (as data.loader; says which, in one line)."""
     if batch_size < 1 or image_size < 1:
         raise ValueError(f"--batch-size and --image-size must be >= 1, got {batch_size} and {image_size}")
     class_names, samples = scan_folder(Path(images))
+    dali, why_not = use_dali(loader, "--loader")
     model, identity = load_autoencoder(autoencoder, resolve_device(device))
     channels = model.in_channels
     model.latent_shape((channels, image_size, image_size))  # a size the model cannot take fails now
-    generator = torch.Generator(next(iter(model.buffers())).device).manual_seed(seed) if sample else None
+    model_device = next(iter(model.buffers())).device
+    generator = torch.Generator(model_device).manual_seed(seed) if sample else None
     workers = workers if workers is not None else min(8, os.cpu_count() or 1)
-    batches = _image_batches(samples, image_size, channels, batch_size, workers)
+    if dali:
+        print(f"images: DALI pipeline ({'GPU' if model_device.type == 'cuda' else 'CPU'} decode), {workers} threads",
+              flush=True)
+        batches = _dali_image_batches(samples, image_size, channels, batch_size, workers, model_device)
+    else:
+        print(f"images: PIL decoding, {workers} threads ({why_not})", flush=True)
+        batches = _image_batches(samples, image_size, channels, batch_size, workers)
     return encode_dataset(model, identity, batches, len(samples), class_names, out, sample, dtype, generator)

@@ -1,6 +1,6 @@
 """Triton backend of `kernels.patch_swd` (the module docstring there describes it): the fused
-projection + sort + loss forward, the backward that maps dL/dproj back to pixels, and their
-autograd Function. Imported only when the Triton backend runs, so that `import kernels` works where
+projection + sort + loss forward and the backward that maps dL/dproj back to pixels (the autograd
+Function around them is kernels.patch_swd's, shared with the csrc backend). Imported only when the Triton backend runs, so that `import kernels` works where
 triton is not installed.
 """
 
@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
-from torch.autograd.function import once_differentiable
+
+from kernels._patch_swd_autograd import PatchSWDKernels, patch_swd_from_projections
 
 
 @triton.jit
@@ -200,46 +201,10 @@ def _patch_swd_theta_grad(images, grad_projs, grad_loss, kernel_size):
         return grad_theta * grad_loss.float()
 
 
-class _PatchSWDTriton(torch.autograd.Function):
-    """Loss from the fused forward, which also leaves dL/dproj for the images whose projections need
-    a gradient: x (y) when x (y) needs one, both when theta does."""
-
-    @staticmethod
-    def forward(ctx, x, y, theta, kernel_size, need_grad_x, need_grad_y, need_grad_theta):
-        loss, grad_proj_x, grad_proj_y = _patch_swd_forward_triton(
-            x, y, theta, kernel_size, need_grad_x or need_grad_theta, need_grad_y or need_grad_theta)
-        # The images are kept only for dL/dtheta; without it nothing but dL/dproj is saved.
-        images = (x, y) if need_grad_theta else (None, None)
-        ctx.save_for_backward(theta, grad_proj_x, grad_proj_y, *images)
-        ctx.kernel_size = kernel_size
-        ctx.image_shape = x.shape
-        ctx.dtypes = (x.dtype, y.dtype)
-        ctx.needs_grad = (need_grad_x, need_grad_y, need_grad_theta)
-        return loss.to(x.dtype)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_loss):
-        theta, grad_proj_x, grad_proj_y, x, y = ctx.saved_tensors
-        need_grad_x, need_grad_y, need_grad_theta = ctx.needs_grad
-        grad_projs = (grad_proj_x if need_grad_x else None, grad_proj_y if need_grad_y else None)
-        grads = [
-            None if grad_proj is None else _patch_swd_backward_triton(
-                grad_proj, theta, grad_loss, ctx.image_shape, dtype, ctx.kernel_size)
-            for grad_proj, dtype in zip(grad_projs, ctx.dtypes)
-        ]
-        grad_theta = None
-        if need_grad_theta:
-            grad_theta = _patch_swd_theta_grad((x, y), (grad_proj_x, grad_proj_y), grad_loss, ctx.kernel_size)
-        return *grads, grad_theta, None, None, None, None
-
-
 def patch_swd_triton(x, y, theta, kernel_size):
     """The loss through the Triton kernels, for inputs `kernels.patch_swd` has checked; the caller
     keeps rows of at most MAX_TRITON_ROW_LENGTH (the in-register sort) on this path."""
-    # Decided here, not from ctx.needs_input_grad, which ignores torch.no_grad().
-    grad_enabled = torch.is_grad_enabled()
+    kernels = PatchSWDKernels(_patch_swd_forward_triton, _patch_swd_backward_triton, _patch_swd_theta_grad)
     # .float() is differentiable: autograd casts dL/dtheta back to theta's dtype.
-    return _PatchSWDTriton.apply(x.contiguous(), y.contiguous(), theta.float().contiguous(), kernel_size,
-                                 grad_enabled and x.requires_grad, grad_enabled and y.requires_grad,
-                                 grad_enabled and theta.requires_grad)
+    return patch_swd_from_projections(kernels, x.contiguous(), y.contiguous(), theta.float().contiguous(),
+                                      kernel_size)

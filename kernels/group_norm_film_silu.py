@@ -6,7 +6,11 @@ rstd [B, G] in fp32), so no activation other than x is kept for backward. Both a
 `torch.library` custom ops (`lgt::group_norm_film_silu_fwd`, `lgt::group_norm_film_silu_bwd`) with
 fake implementations and autograd, so torch.compile traces through them without a graph break.
 The ops are registered here, without triton; their Triton kernels and launchers live in
-`kernels._triton_group_norm`, imported the first time an op runs.
+`kernels._triton_group_norm`, imported the first time an op runs. backend="csrc" (and "auto" on CPU
+tensors when the library is loaded) runs `lgt::csrc_group_norm_film_silu` of
+csrc/group_norm_film_silu.cpp: C++ forward / backward ops with the schemas of the two above (and
+statistics and sums in float64 for float64 x), under an autograd Function written in C++ too (a
+Python one costs more than the kernels at a CPU run's sizes); their fake versions are registered here.
 
 Forward-mode AD (torch.func.jvp, torch.autograd.forward_ad) and vmap: a torch.library custom op
 carries no jvp rule, and under torch.func.jvp it silently returns a zero tangent. So while a
@@ -29,7 +33,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels._dispatch import resolve_backend
+from kernels._dispatch import csrc_loaded, resolve_backend
 
 
 def _check_inputs(x, num_groups, weight, bias, scale, shift):
@@ -78,6 +82,11 @@ def group_norm_film_silu(x, num_groups, weight=None, bias=None, scale=None, shif
     resolved = resolve_backend(backend, x, weight, bias, scale, shift)
     if resolved == "torch":
         return group_norm_film_silu_reference(x, num_groups, weight, bias, scale, shift, eps, act)
+    if resolved == "csrc":
+        if _transform_active():  # the C++ ops carry no jvp / vmap rules; the reference works everywhere
+            return group_norm_film_silu_reference(x, num_groups, weight, bias, scale, shift, eps, act)
+        return torch.ops.lgt.csrc_group_norm_film_silu(x, num_groups, weight, bias, scale, shift,
+                                                       float(eps), bool(act))
     if _transform_active():
         y, _, _ = _FusedForwardAD.apply(x, num_groups, weight, bias, scale, shift, float(eps), bool(act))
         return y
@@ -189,7 +198,8 @@ def _backward(ctx, dy, _dmean, _drstd):
         dy, x, mean, rstd, ctx.num_groups, weight, bias, scale, shift, ctx.act)
     # With h = xhat * weight + bias and u = h * (1 + scale) + shift: dh = du * (1 + scale) and
     # dscale = sum du * h, so every FiLM and affine gradient is a [B, C]-sized combination of the
-    # two sums; weight and bias are then reduced over the batch.
+    # two sums; weight and bias are then reduced over the batch. (csrc/group_norm_film_silu.cpp
+    # does the same in C++.)
     one_plus_scale = 1.0 if scale is None else 1.0 + scale.float()
     dweight = dbias = dscale = dshift = None
     if weight is not None:
@@ -207,6 +217,43 @@ def _backward(ctx, dy, _dmean, _drstd):
 
 
 _forward_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------
+# The csrc library's ops (defined in C++, with their autograd): fake versions, for torch.compile.
+# ----------------------------------------------------------------------------------------------
+
+
+def _csrc_layout(x):
+    """The layout the C++ ops read (and write y in): contiguous or channels_last, else a copy."""
+    if x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last):
+        return x
+    return x.contiguous()
+
+
+def _csrc_accumulation_dtype(x):
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _csrc_forward_fake(x, num_groups, weight, bias, scale, shift, eps, act):
+    B = x.shape[0]
+    return (torch.empty_like(_csrc_layout(x)), x.new_empty((B, num_groups), dtype=torch.float64),
+            x.new_empty((B, num_groups), dtype=_csrc_accumulation_dtype(x)))
+
+
+def _csrc_backward_fake(dy, x, mean, rstd, num_groups, weight, bias, scale, shift, act):
+    sum_du = x.new_empty(x.shape[:2], dtype=_csrc_accumulation_dtype(x))
+    return torch.empty_like(_csrc_layout(x)), sum_du, torch.empty_like(sum_du)
+
+
+def _csrc_fake(x, num_groups, weight, bias, scale, shift, eps, act):
+    return torch.empty_like(_csrc_layout(x))
+
+
+if csrc_loaded():
+    torch.library.register_fake("lgt::csrc_group_norm_film_silu")(_csrc_fake)
+    torch.library.register_fake("lgt::csrc_group_norm_film_silu_fwd")(_csrc_forward_fake)
+    torch.library.register_fake("lgt::csrc_group_norm_film_silu_bwd")(_csrc_backward_fake)
 
 
 # ----------------------------------------------------------------------------------------------

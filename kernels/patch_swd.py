@@ -17,6 +17,11 @@ backend="triton" one program per sample and block of directions projects the pat
                  theta even when y is data), and dL/dtheta is the correlation of each image with its
                  dL/dproj: sum over b and n of dL/dproj[b, p, n] times the patch of the image at n.
                  In `kernels._triton_patch_swd`, imported the first time this backend runs.
+backend="csrc"   the same algorithm in C++ on CPU tensors (csrc/patch_swd.cpp; "auto" on CPU tensors
+                 when the library is loaded): one (b, p) row per task, projection by shifted-row
+                 multiply-adds, a sort of packed (value, position) keys, dL/dproj written by the
+                 forward. In float32 (float64 for float64 inputs). One autograd Function serves
+                 both fused backends (`kernels._patch_swd_autograd`).
 """
 
 from __future__ import annotations
@@ -27,7 +32,8 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from kernels._dispatch import resolve_backend
+from kernels._dispatch import csrc_loaded, resolve_backend
+from kernels._patch_swd_autograd import PatchSWDKernels, patch_swd_from_projections
 
 __all__ = ["MAX_TRITON_ROW_LENGTH", "patch_swd", "patch_swd_reference"]
 
@@ -102,11 +108,60 @@ def patch_swd(x, y, theta, kernel_size=3, backend="auto"):
     extra). Rows longer than MAX_TRITON_ROW_LENGTH use the torch backend (warned once).
     """
     _check_inputs(x, y, theta, kernel_size)
-    if resolve_backend(backend, x, y, theta) == "torch":
+    resolved = resolve_backend(backend, x, y, theta)
+    if resolved == "torch":
         return _patch_swd_torch(x, y, theta, kernel_size)
+    if resolved == "csrc":
+        dtype = torch.promote_types(x.dtype, torch.float32)  # the C++ op computes in x's float dtype
+        loss = patch_swd_from_projections(_CSRC_KERNELS, x.to(dtype).contiguous(), y.to(dtype).contiguous(),
+                                          theta.to(dtype).contiguous(), kernel_size)
+        return loss.to(x.dtype)
     if x.shape[2] * x.shape[3] > MAX_TRITON_ROW_LENGTH:
         _warn_row_too_long_once()
         return _patch_swd_torch(x, y, theta, kernel_size)
     from kernels._triton_patch_swd import patch_swd_triton
 
     return patch_swd_triton(x, y, theta, kernel_size)
+
+
+def _csrc_forward(x, y, theta, kernel_size, grad_x, grad_y):
+    loss, grad_proj_x, grad_proj_y = torch.ops.lgt.csrc_patch_swd_fwd(x, y, theta, kernel_size, grad_x, grad_y)
+    return loss, grad_proj_x if grad_x else None, grad_proj_y if grad_y else None
+
+
+def _csrc_image_grad(grad_proj, theta, grad_loss, image_shape, image_dtype, kernel_size):
+    _, C, H, W = image_shape
+    grad = torch.ops.lgt.csrc_patch_swd_image_grad(grad_proj, theta, C, H, W, kernel_size)
+    return (grad * grad_loss.to(grad.dtype)).to(image_dtype)
+
+
+def _csrc_theta_grad(images, grad_projs, grad_loss, kernel_size):
+    grad_theta = sum(torch.ops.lgt.csrc_patch_swd_theta_grad(image, grad_proj, kernel_size)
+                     for image, grad_proj in zip(images, grad_projs))
+    return grad_theta * grad_loss.to(grad_theta.dtype)
+
+
+_CSRC_KERNELS = PatchSWDKernels(_csrc_forward, _csrc_image_grad, _csrc_theta_grad)
+
+
+def _register_csrc_fakes():
+    """Fake versions of the C++ ops (shapes only), for torch.compile."""
+
+    @torch.library.register_fake("lgt::csrc_patch_swd_fwd")
+    def _(x, y, theta, kernel_size, grad_x, grad_y):
+        B, _, H, W = x.shape
+        grad_shape = (B, theta.shape[0], H * W)
+        return (x.new_empty(()), x.new_empty(grad_shape if grad_x else (0,)),
+                x.new_empty(grad_shape if grad_y else (0,)))
+
+    @torch.library.register_fake("lgt::csrc_patch_swd_image_grad")
+    def _(grad_proj, theta, C, H, W, kernel_size):
+        return grad_proj.new_empty((grad_proj.shape[0], C, H, W))
+
+    @torch.library.register_fake("lgt::csrc_patch_swd_theta_grad")
+    def _(image, grad_proj, kernel_size):
+        return image.new_empty((grad_proj.shape[1], image.shape[1] * kernel_size ** 2))
+
+
+if csrc_loaded():
+    _register_csrc_fakes()

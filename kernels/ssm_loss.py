@@ -11,6 +11,7 @@ backend="triton" gather + normalise in torch (O(B*S*D)), then tiled kernels that
                  block. Autograd takes the gradient back through the normalisation and the gather
                  (repeated positions accumulate). In `kernels._triton_ssm_loss`, imported the
                  first time this backend runs.
+backend="csrc"   none: a ValueError; "auto" on CPU tensors is the torch reference.
 """
 
 from __future__ import annotations
@@ -126,7 +127,8 @@ def ssm_loss(x, y, index=None, eps=1e-8, backend="auto"):
     Computed in float32, differentiable in x and y; the Triton backend never materialises G.
     """
     _check_inputs(x, y, index, eps)
-    if resolve_backend(backend, x, y, index) == "torch":
+    # No csrc version: on a CPU the reference's bmm is already fast at LGT's S <= 64 positions.
+    if resolve_backend(backend, x, y, index, has_csrc=False) == "torch":
         return _ssm_loss_torch(x, y, index, eps)
     from kernels._triton_ssm_loss import GramDistanceTriton
 

@@ -32,14 +32,32 @@ def without_triton(monkeypatch):
     monkeypatch.setattr(_dispatch, "triton_available", lambda: False)
 
 
-def test_auto_on_cpu_tensors_is_torch_even_under_the_interpreter(interpreting):
+@pytest.fixture(params=[True, False], ids=["csrc-loaded", "csrc-absent"])
+def csrc_state(request, monkeypatch):
+    """Both states of the csrc library, whatever this machine built: auto on CPU follows it."""
+    monkeypatch.setattr(_dispatch._csrc, "loaded", lambda: request.param)
+    return "csrc" if request.param else "torch"
+
+
+def test_auto_on_cpu_tensors_is_csrc_or_torch_even_under_the_interpreter(interpreting, csrc_state):
     assert _dispatch.triton_interpreting()
-    assert resolve_backend("auto", torch.zeros(2), None, torch.zeros(3, dtype=torch.long)) == "torch"
-    assert backend_for_device("auto", CPU) == "torch"
+    assert resolve_backend("auto", torch.zeros(2), None, torch.zeros(3, dtype=torch.long)) == csrc_state
+    assert backend_for_device("auto", CPU) == csrc_state
 
 
-def test_auto_on_cpu_tensors_is_torch_without_the_interpreter(not_interpreting):
-    assert resolve_backend("auto", torch.zeros(2)) == "torch"
+def test_auto_on_cpu_tensors_is_csrc_or_torch_without_the_interpreter(not_interpreting, csrc_state):
+    assert resolve_backend("auto", torch.zeros(2)) == csrc_state
+
+
+def test_auto_backend_overrides_auto_only_inside_the_block():
+    with kernels.auto_backend("torch"):
+        assert backend_for_device("auto", CPU) == "torch"
+        assert backend_for_device("auto", CUDA) == "torch"
+        with pytest.raises(ValueError, match="backend='triton'"), kernels.auto_backend("triton"):
+            backend_for_device("auto", torch.device("meta"))
+    assert backend_for_device("auto", CUDA) == "triton"
+    with pytest.raises(ValueError, match="backend must be one of"), kernels.auto_backend("cuda"):
+        pass
 
 
 def test_auto_on_cuda_is_triton_and_falls_back_to_torch_without_triton(monkeypatch):
@@ -48,7 +66,7 @@ def test_auto_on_cuda_is_triton_and_falls_back_to_torch_without_triton(monkeypat
     assert backend_for_device("auto", CUDA) == "torch"
 
 
-def test_auto_on_other_devices_is_torch():
+def test_auto_on_other_devices_is_torch(csrc_state):
     assert resolve_backend("auto", torch.zeros(2, device="meta")) == "torch"
 
 
@@ -85,9 +103,18 @@ def test_unknown_backend_raises(backend):
 
 
 @pytest.mark.parametrize("device", [CPU, CUDA], ids=str)
-def test_csrc_raises_not_built(device):
-    with pytest.raises(ValueError, match="csrc op library is not built"):
+def test_csrc_raises_when_not_loaded_saying_why(device, monkeypatch):
+    monkeypatch.setattr(_dispatch._csrc, "loaded", lambda: False)
+    monkeypatch.setattr(_dispatch._csrc, "problem", lambda: "LGT_CSRC=0 is set")
+    with pytest.raises(ValueError, match="backend='csrc': LGT_CSRC=0 is set"):
         backend_for_device("csrc", device)
+
+
+def test_csrc_has_cpu_ops_only(monkeypatch):
+    monkeypatch.setattr(_dispatch._csrc, "loaded", lambda: True)
+    assert backend_for_device("csrc", CPU) == "csrc"
+    with pytest.raises(ValueError, match="CPU ops only"):
+        backend_for_device("csrc", CUDA)
 
 
 @pytest.mark.parametrize("backend", ["auto", "triton", "torch"])
@@ -159,3 +186,11 @@ def test_triton_ops_match_the_reference(seed, interpreting):
     """The same calls with the real entry points: the stand-ins above replace what really runs."""
     for name, call, expected in _op_calls():
         torch.testing.assert_close(call("triton"), expected, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_ops_without_csrc_fall_to_torch_and_refuse_csrc(monkeypatch):
+    monkeypatch.setattr(_dispatch._csrc, "loaded", lambda: True)
+    assert resolve_backend("auto", torch.zeros(2), has_csrc=False) == "torch"
+    x = torch.randn(1, 2, 3, 3)
+    with pytest.raises(ValueError, match="no csrc implementation"):
+        kernels.ssm_loss(x, x, backend="csrc")

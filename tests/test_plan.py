@@ -181,6 +181,18 @@ def test_every_recipe_is_planned(config):
     assert memory.peak_reserved >= memory.peak_allocated > memory.breakdown["parameters"] > 0
 
 
+def test_an_image_folder_is_planned_without_reading_an_image(tmp_path):
+    """The plan's stand-in replaces the folder source whatever data.loader picks (DALI included)."""
+    for name in ("bricks", "grass"):
+        (tmp_path / "data" / name).mkdir(parents=True)
+        (tmp_path / "data" / name / "not-an-image.png").write_bytes(b"garbage")
+    for loader in ("torch", "dali"):
+        cfg = load_config(CONFIGS / "ddpm_textures.toml", [f"--data.source=folder:{tmp_path / 'data'}",
+                                                          f"--data.loader={loader}", "--train.batch_size=2",
+                                                          "--sample.every=0", f"--run.dir={tmp_path / 'run'}"])
+        assert trace_step(cfg).ops
+
+
 def test_every_method_has_a_recipe():
     methods = {load_config(p).method.name for p in CONFIGS.glob("*.toml")}
     assert set(METHODS) <= methods
@@ -254,7 +266,8 @@ def test_engine_plan_names_a_missing_config(tmp_path, capsys):
 
 
 def test_kernels_dispatch_is_restored_after_a_plan(latents, tmp_path):
-    trace_step(tiny_lgt(latents, tmp_path / "run", "--train.batch_size=2", "--sample.every=0"))
     x = torch.randn(1, 4, 4, 4)
-    assert kernels._dispatch.backend_for_device("auto", x.device) == "torch"
+    before = kernels._dispatch.backend_for_device("auto", x.device)  # csrc, or torch without the library
+    trace_step(tiny_lgt(latents, tmp_path / "run", "--train.batch_size=2", "--sample.every=0"))
+    assert kernels._dispatch.backend_for_device("auto", x.device) == before
     assert torch.nn.functional.scaled_dot_product_attention.__module__ == "torch._C._nn"

@@ -2,6 +2,7 @@
 
     engine-encode --images DIR --autoencoder CKPT_OR_DIR --out latents.safetensors
                   [--batch-size 32] [--sample] [--dtype fp16|fp32] [--image-size 256] [--device auto]
+                  [--workers N] [--loader auto|torch|dali]
 
 See engine/encode.py for what is stored.
 """
@@ -37,6 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_device_argument(parser)
     parser.add_argument("--workers", type=at_least(1), default=None,
                         help="image-decoding threads (default min(8, CPUs))")
+    parser.add_argument("--loader", choices=("auto", "torch", "dali"), default="auto",
+                        help="what decodes the images: DALI (on the GPU when encoding on one) or PIL; auto = DALI "
+                             "where nvidia-dali imports (pip install -e '.[dali]'), as data.loader (default auto)")
     return parser
 
 
@@ -45,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def body() -> None:
         data = encode_folder(args.images, args.autoencoder, args.out, args.batch_size, args.sample, args.dtype,
-                             args.image_size, args.device, args.seed, args.workers)
+                             args.image_size, args.device, args.seed, args.workers, args.loader)
         counts = torch.bincount(data.labels, minlength=len(data.class_names)).tolist()
         print(f"wrote {args.out}: {len(data.labels)} latents {list(data.latents.shape[1:])} {args.dtype}, "
               f"scaling factor {data.scaling_factor:.6g}, posterior {data.posterior}, classes "

@@ -17,6 +17,9 @@ i*B .. (i+1)*B - 1 of that stream, and every sample carries an augmentation seed
 (seed, rank, i, position). So batch i, crops and flips included, is a pure function of
 (seed, rank, W, i, B): a resumed run starting at batch k draws exactly what an uninterrupted run
 draws from batch k on, whatever the number of workers.
+
+This module decodes with PIL in torch DataLoader workers; engine/data/dali.py decodes the same
+batches with DALI (`data.loader`).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import re
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from PIL import Image
@@ -43,8 +47,8 @@ from engine.pictures import (
     shorter_side_size,
 )
 
-__all__ = ["AugmentedImages", "EpochStreamBatchSampler", "ImageFolderSource", "UnreadableImageError",
-           "scan_image_folder", "verify_image"]
+__all__ = ["AugmentedImages", "EpochStreamBatchSampler", "ImageFolderSource", "ImageHeader", "UnreadableImageError",
+           "crop_placement", "scan_image_folder", "verify_image", "verify_image_header"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 LAYOUT_HINT = "expected one sub-folder per class with PNG/JPEG images"
@@ -73,20 +77,34 @@ def scan_image_folder(root: Path) -> tuple[list[str], list[tuple[Path, int]]]:
     return [d.name for d in class_dirs], samples
 
 
-def verify_image(path: Path) -> tuple[int, int]:
-    """A fast integrity check that does not decode pixels; returns the image's (width, height).
+class ImageHeader(NamedTuple):
+    """What an image file's header says (its pixels are not decoded)."""
+
+    size: tuple[int, int]  # (width, height)
+    format: str  # PIL's name of the file format: "PNG", "JPEG", ...
+    mode: str  # PIL's mode: "RGB", "L", "RGBA", "I;16", ...
+    transparent: bool  # a colour or palette entry marked transparent (PIL's info["transparency"])
+
+
+def verify_image_header(path: Path) -> ImageHeader:
+    """A fast integrity check that does not decode pixels; returns the image's header.
 
     PIL's verify checks a PNG's chunk CRCs (a truncated PNG fails it) but reads only a JPEG's
     header, so a JPEG must also reach its end-of-image marker: a truncated one does not."""
     try:
         with Image.open(path) as image:
-            size, image_format = image.size, image.format
+            header = ImageHeader(image.size, image.format, image.mode, "transparency" in image.info)
             image.verify()
     except PIL_READ_ERRORS as err:
         raise UnreadableImageError(path, f"{type(err).__name__}: {err}") from err
-    if image_format == "JPEG" and not jpeg_is_complete(path):
+    if header.format == "JPEG" and not jpeg_is_complete(path):
         raise UnreadableImageError(path, "truncated JPEG: the file ends before its end-of-image marker")
-    return size
+    return header
+
+
+def verify_image(path: Path) -> tuple[int, int]:
+    """`verify_image_header`'s check; returns the image's (width, height)."""
+    return verify_image_header(path).size
 
 
 # A JPEG marker: FF (after any FF fill bytes) then a code other than 00 (a stuffed FF inside the
@@ -137,6 +155,14 @@ def augmentation_seed(seed: int, rank: int, number: int, position: int) -> int:
     return batch_seed(batch_seed(seed, rank, number, Stream.AUGMENT), 0, position, Stream.BATCHES)
 
 
+def crop_placement(aug_seed: int, width: int, height: int, size: int, flip: bool) -> tuple[int, int, bool]:
+    """(top, left, mirrored) of the size x size crop of augmentation seed `aug_seed` in a picture of
+    width x height (already resized); the torch and DALI loaders both cut their crops here."""
+    generator = torch.Generator().manual_seed(aug_seed)
+    top, left, flip_draw = torch.rand(3, generator=generator).tolist()
+    return int(top * (height - size + 1)), int(left * (width - size + 1)), flip and flip_draw < 0.5
+
+
 class EpochStreamBatchSampler:
     """Yields, for micro-batch start, start + 1, ..., the list of (dataset index, augmentation seed)
     of this rank (see the module doc for the order and the sharding)."""
@@ -178,11 +204,9 @@ class AugmentedImages(Dataset):
         path, label = self.samples[index]
         size = self.image_size
         image = resize_shorter_side(open_rgb(path, min_size=size), size)
-        generator = torch.Generator().manual_seed(aug_seed)
-        top, left, flip = torch.rand(3, generator=generator).tolist()
-        top, left = int(top * (image.height - size + 1)), int(left * (image.width - size + 1))
+        top, left, mirrored = crop_placement(aug_seed, image.width, image.height, size, self.flip)
         image = image.crop((left, top, left + size, top + size))
-        if self.flip and flip < 0.5:
+        if mirrored:
             image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         return image_to_tensor(image), label
 
@@ -199,10 +223,10 @@ class ImageFolderSource:
         self.class_names, samples = scan_image_folder(root)
         # Fail on a corrupt file now, not hours into training (pixels are decoded only later).
         with ThreadPoolExecutor(max(1, num_workers)) as pool:
-            sizes = list(pool.map(verify_image, (path for path, _ in samples)))
+            self.headers = list(pool.map(verify_image_header, (path for path, _ in samples)))
         # A sample is the whole image resized (uint8 RGB) before its crop (float32) is cut out, in
         # each worker at once: refuse a crop size that cannot fit before any worker tries.
-        largest = max(width * height for width, height in (shorter_side_size(s, image_size) for s in sizes))
+        largest = max(width * height for width, height in (shorter_side_size(h.size, image_size) for h in self.headers))
         check_image_memory(image_size, max(1, num_workers) * (3 * largest + 12 * image_size**2),
                            f"resizing {root}'s images so their shorter side is {image_size} px")
         self.class_counts = {name: 0 for name in self.class_names}

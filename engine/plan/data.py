@@ -140,7 +140,10 @@ def planned_sources(cfg: Config, known: Known) -> Iterator[None]:
         return LatentFile(torch.empty(shape, dtype=dtype), known(labels), class_names, scaling_factor,
                           AutoencoderIdentity("planned", ""), "mean")
 
-    swaps = [(engine.data, "BuiltinTextures", _planned_textures), (engine.data, "ImageFolderSource", _planned_folder),
+    def planned_folder_source(data_cfg, root, seed, rank, world_size, device):
+        return _planned_folder(root, data_cfg.image_size, data_cfg.flip, seed, rank, data_cfg.num_workers, world_size)
+
+    swaps = [(engine.data, "BuiltinTextures", _planned_textures), (engine.data, "folder_source", planned_folder_source),
              (latents_module, "read_latents", read_planned)]
     if hasattr(engine.data, "BuiltinDigits"):
         swaps.append((engine.data, "BuiltinDigits", _planned_digits_class(engine.data.BuiltinDigits)))

@@ -190,9 +190,11 @@ class StepRecorder(TorchDispatchMode):
         if func is _HOST_READ:
             self.syncs[self.phase] += 1
             return self._host_value(args[0])
-        if func.namespace == "lgt":
-            # The engine's custom ops: run their real implementation (on fake tensors, its Triton
-            # launches recorded), with this mode re-entered so its inner ops are seen too.
+        if func.namespace == "lgt" and func._schema.name in torch._library.custom_ops.OPDEFS:
+            # The engine's Python custom ops: run their real implementation (on fake tensors, its
+            # Triton launches recorded), with this mode re-entered so its inner ops are seen too.
+            # (The csrc library's C++ ops, on a CPU target, are recorded below like any op: their
+            # fake implementations give their outputs.)
             with self:
                 return torch._library.custom_ops.OPDEFS[func._schema.name]._init_fn(*args, **kwargs)
         if func.overloadpacket is aten.index:

@@ -1,0 +1,153 @@
+"""The csrc/ op library: found, built the first time, loaded.
+
+`load()` runs once, when `kernels` is imported:
+
+  1. LGT_CSRC=0 in the environment: nothing is loaded (the pure-PyTorch ops serve CPU tensors).
+  2. LGT_CSRC_LIBRARY=PATH: that file is loaded (a build by hand: `cmake -S . -B build && cmake
+     --build build`, then LGT_CSRC_LIBRARY=build/liblgt_csrc.so).
+  3. Otherwise the library cached for these sources and this torch is loaded from
+     $XDG_CACHE_HOME/lgt-engine/csrc/<key>/ (~/.cache/...); the first time, it is built there with
+     CMake from the source checkout (about 20 s on 2 cores), under a lock so that concurrent
+     processes (torchrun ranks, parallel tests) build it once.
+
+Any failure (no cmake or compiler, no csrc/ beside the package, a failed build) is said once per
+process, with what to do, and leaves the library unloaded: `auto` then runs the PyTorch reference on
+CPU tensors and `backend="csrc"` raises a ValueError that names the reason. A failed build is
+remembered (build.log beside where the library would be) so that later processes do not retry it;
+deleting that directory retries. (A CUDA build of torch needs the CUDA toolkit for torch's CMake
+config even though the library has CPU ops only.)
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+LIBRARY_NAME = "liblgt_csrc.so"
+FAILED_LOG = "build.log"  # left where the library would be by a build that failed
+SOURCE_ROOT = Path(__file__).resolve().parents[1]  # the checkout holding CMakeLists.txt and csrc/
+
+_loaded = False
+_problem: str | None = "not loaded yet"
+
+
+def loaded() -> bool:
+    """Whether the library's ops are registered in this process."""
+    return _loaded
+
+
+def problem() -> str | None:
+    """Why the library is not loaded, in words (None when it is)."""
+    return _problem
+
+
+def _sources() -> list[Path]:
+    return [SOURCE_ROOT / "CMakeLists.txt", *sorted((SOURCE_ROOT / "csrc").glob("*.[ch]*"))]
+
+
+def _cpu_flags() -> str:
+    """The CPU's instruction-set flags: the library is compiled for them (-march=native), so a cache
+    shared between different machines (an NFS home) keeps one build per kind of CPU."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _cache_key(sources: list[Path]) -> str:
+    """Everything the built file depends on: the sources, torch's version, the Python and the CPU."""
+    digest = hashlib.sha256()
+    for path in sources:
+        digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    digest.update(f"{torch.__version__} {sys.version_info[:2]} {platform.machine()} {_cpu_flags()}".encode())
+    return digest.hexdigest()[:16]
+
+
+def _cache_root() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lgt-engine" / "csrc"
+
+
+def _build(target: Path) -> None:
+    """Builds the library with CMake into `target` (atomically: a finished file or none)."""
+    cmake = shutil.which("cmake")
+    if cmake is None:
+        raise RuntimeError("cmake is not installed (e.g. `apt install cmake g++` or `pip install cmake`)")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    print("kernels: building the C++ op library (csrc/) for this torch, once; about 20 s ...",
+          file=sys.stderr, flush=True)
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix="build-") as build:
+        generator = ["-G", "Ninja"] if shutil.which("ninja") else []
+        log = Path(build) / "build.log"
+        steps = ([cmake, "-S", str(SOURCE_ROOT), "-B", build, *generator, "-DCMAKE_BUILD_TYPE=Release",
+                  f"-DPython3_EXECUTABLE={sys.executable}"],
+                 [cmake, "--build", build, "--parallel", str(os.cpu_count() or 1)])
+        with log.open("w") as out:
+            for step in steps:
+                if subprocess.run(step, stdout=out, stderr=subprocess.STDOUT, check=False).returncode != 0:
+                    shutil.copy(log, target.parent / FAILED_LOG)
+                    tail = "".join(log.read_text().splitlines(keepends=True)[-15:])
+                    raise RuntimeError(f"the CMake build failed (log: {target.parent / FAILED_LOG}; delete "
+                                       f"{target.parent} to retry):\n{tail}")
+        partial = target.with_suffix(".partial")
+        shutil.copy(Path(build) / LIBRARY_NAME, partial)
+        os.replace(partial, target)
+    print(f"kernels: built {target} in {time.monotonic() - started:.0f} s", file=sys.stderr, flush=True)
+
+
+def _built_library() -> Path:
+    """The cached library for these sources and this torch, built first if it is not there."""
+    sources = _sources()
+    if not (SOURCE_ROOT / "csrc").is_dir() or not sources[0].is_file():
+        raise RuntimeError(f"no csrc/ and CMakeLists.txt beside the package in {SOURCE_ROOT} (an install "
+                           f"without the sources: `pip install -e .` from a checkout builds it)")
+    target = _cache_root() / _cache_key(sources) / LIBRARY_NAME
+    if target.is_file():
+        return target
+    if (target.parent / FAILED_LOG).is_file():
+        raise RuntimeError(f"its build failed before (log: {target.parent / FAILED_LOG}; delete {target.parent} "
+                           f"to retry)")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another process may be building it: wait, then reuse its file
+        if not target.is_file() and not (target.parent / FAILED_LOG).is_file():
+            _build(target)
+    if not target.is_file():
+        raise RuntimeError(f"another process's build of it failed (log: {target.parent / FAILED_LOG})")
+    return target
+
+
+def load() -> bool:
+    """Finds or builds the library and loads it (see the module docstring); True when loaded.
+    Called once by `kernels._dispatch`; later calls return the first answer."""
+    global _loaded, _problem
+    if _problem != "not loaded yet":
+        return _loaded
+    if os.environ.get("LGT_CSRC", "1") == "0":
+        _problem = "LGT_CSRC=0 is set"
+        return False
+    try:
+        explicit = os.environ.get("LGT_CSRC_LIBRARY")
+        path = Path(explicit) if explicit else _built_library()
+        torch.ops.load_library(str(path))
+    except (OSError, RuntimeError) as error:
+        _problem = f"the csrc op library is not available: {error}"
+        warnings.warn(f"kernels: {_problem}. CPU tensors use the PyTorch reference ops (set LGT_CSRC=0 to "
+                      "skip this attempt).", stacklevel=2)
+        return False
+    _loaded, _problem = True, None
+    return True
