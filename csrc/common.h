@@ -53,7 +53,8 @@ LGT_ALWAYS_INLINE float exp_float(float x) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  // A NaN n would make the conversion below undefined: 0 instead (p is NaN, so the result is too).
+  const int32_t bits = (static_cast<int32_t>(n == n ? n : 0.0f) + 127) * (1 << 23);
   float scale;
   std::memcpy(&scale, &bits, sizeof(scale));
   return p * scale;

@@ -279,7 +279,8 @@ void finish_group(int64_t bg, const Shape& s, const double* channel_mean, const 
     const double d = channel_mean[c] - m;
     m2 += channel_m2[c] + static_cast<double>(s.HW) * d * d;
   }
-  const double var = std::max(0.0, m2 / static_cast<double>(Cg * s.HW));
+  const double v = m2 / static_cast<double>(Cg * s.HW);
+  const double var = std::isnan(v) ? v : std::max(0.0, v);  // max(0, NaN) would hide a NaN
   mean[bg] = m;
   rstd[bg] = static_cast<acc_t>(1.0 / std::sqrt(var + eps));
   for (int64_t bc = first; bc < first + Cg; ++bc) {
@@ -437,6 +438,23 @@ Shape checked_shape(const at::Tensor& x, int64_t num_groups) {
   return Shape{x.size(0), x.size(1), num_groups, x.size(2) * x.size(3)};
 }
 
+// The ops read these through raw pointers: a wrong shape or device must fail here, not read out of
+// bounds (the Python wrapper checks them too; these guard direct torch.ops calls).
+void check_operand(const c10::optional<at::Tensor>& t, c10::IntArrayRef shape, const char* name) {
+  if (!t.has_value() || !t->defined()) return;
+  TORCH_CHECK(t->device().is_cpu() && t->sizes() == shape && t->is_floating_point(),
+              "lgt::csrc_group_norm_film_silu: ", name, " must be a floating-point CPU tensor of shape ", shape,
+              ", got ", t->sizes(), " on ", t->device());
+}
+
+void check_film(const Shape& s, const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
+                const c10::optional<at::Tensor>& scale, const c10::optional<at::Tensor>& shift) {
+  check_operand(weight, {s.C}, "weight");
+  check_operand(bias, {s.C}, "bias");
+  check_operand(scale, {s.B, s.C}, "scale");
+  check_operand(shift, {s.B, s.C}, "shift");
+}
+
 at::ScalarType acc_type(const at::Tensor& x) {
   return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
@@ -446,6 +464,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_film_silu_fwd(
     const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& scale,
     const c10::optional<at::Tensor>& shift, double eps, bool act) {
   const Shape s = checked_shape(x_in, num_groups);
+  check_film(s, weight, bias, scale, shift);
   const at::Tensor x = in_op_layout(x_in);
   const bool channels_last = is_channels_last(x);
   const at::ScalarType acc = acc_type(x);
@@ -465,7 +484,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_film_silu_bwd(
     int64_t num_groups, const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
     const c10::optional<at::Tensor>& scale, const c10::optional<at::Tensor>& shift, bool act) {
   const Shape s = checked_shape(x_in, num_groups);
-  TORCH_CHECK(dy_in.sizes() == x_in.sizes(), "lgt::csrc_group_norm_film_silu_bwd: dy must have x's shape");
+  check_film(s, weight, bias, scale, shift);
+  TORCH_CHECK(dy_in.device().is_cpu() && dy_in.sizes() == x_in.sizes(),
+              "lgt::csrc_group_norm_film_silu_bwd: dy must be a CPU tensor of x's shape");
+  check_operand(mean, {s.B, s.G}, "mean");
+  check_operand(rstd, {s.B, s.G}, "rstd");
   const at::Tensor x = in_op_layout(x_in);
   const bool channels_last = is_channels_last(x);
   // dy in x's layout and dtype, so one index addresses both.

@@ -19,6 +19,7 @@
 #include <cstring>
 #include <mutex>
 #include <numeric>
+#include <utility>
 #include <vector>
 
 #include "common.h"
@@ -269,8 +270,10 @@ at::Tensor patch_swd_theta_grad(const at::Tensor& image_in, const at::Tensor& gr
     const scalar_t* gp = grad_proj_t.data_ptr<scalar_t>();
     const int64_t N = g.N(), K = g.patch();
     // sum_t[(c, i, j), p] += image[c, h + i - k/2, w + j - k/2] * dL/dproj[b, p, n]: the inner loop
-    // over p, contiguous. Images are split between threads, each with its own sum, added at the end.
-    std::vector<scalar_t> total(K * g.P, scalar_t(0));
+    // over p, contiguous. Images are split between threads, each chunk with its own sum.
+    // One sum per chunk of images, added in chunk order afterwards: the result does not depend on
+    // which thread finishes first (floating-point addition is not associative).
+    std::vector<std::pair<int64_t, std::vector<scalar_t>>> chunks;
     std::mutex merge;
     at::parallel_for(0, g.B, 1, [&](int64_t begin, int64_t end) {
       std::vector<scalar_t> sum(K * g.P, scalar_t(0));
@@ -293,8 +296,12 @@ _Pragma("omp simd")
         }
       }
       const std::lock_guard<std::mutex> lock(merge);
-      for (size_t q = 0; q < total.size(); ++q) total[q] += sum[q];
+      chunks.emplace_back(begin, std::move(sum));
     });
+    std::sort(chunks.begin(), chunks.end(), [](const auto& a, const auto& b) { return a.first < b.first; });
+    std::vector<scalar_t> total(K * g.P, scalar_t(0));
+    for (const auto& chunk : chunks)
+      for (size_t q = 0; q < total.size(); ++q) total[q] += chunk.second[q];
     scalar_t* out = grad_theta.data_ptr<scalar_t>();
     for (int64_t p = 0; p < g.P; ++p)
       for (int64_t q = 0; q < K; ++q) out[p * K + q] = total[q * g.P + p];

@@ -69,16 +69,27 @@ def _cpu_flags() -> str:
 
 
 def _cache_key(sources: list[Path]) -> str:
-    """Everything the built file depends on: the sources, torch's version, the Python and the CPU."""
+    """Everything the built file depends on: the sources, the torch install (version, place, C++ ABI),
+    the Python and the CPU."""
     digest = hashlib.sha256()
     for path in sources:
         digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
-    digest.update(f"{torch.__version__} {sys.version_info[:2]} {platform.machine()} {_cpu_flags()}".encode())
+    digest.update(f"{torch.__version__} {torch.__file__} {torch._C._GLIBCXX_USE_CXX11_ABI} {sys.version_info[:2]} "
+                  f"{platform.machine()} {_cpu_flags()}".encode())
     return digest.hexdigest()[:16]
 
 
 def _cache_root() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lgt-engine" / "csrc"
+
+
+def _copy_into_place(source: Path, target: Path) -> None:
+    """source's bytes at `target`, atomically: written under a fresh temporary name (O_EXCL, so never
+    through a link planted there) and renamed, so other processes see the whole file or none."""
+    descriptor, partial = tempfile.mkstemp(dir=target.parent, prefix=".partial-")
+    with os.fdopen(descriptor, "wb") as out, open(source, "rb") as data:
+        shutil.copyfileobj(data, out)
+    os.replace(partial, target)
 
 
 def _build(target: Path) -> None:
@@ -98,14 +109,16 @@ def _build(target: Path) -> None:
                  [cmake, "--build", build, "--parallel", str(os.cpu_count() or 1)])
         with log.open("w") as out:
             for step in steps:
-                if subprocess.run(step, stdout=out, stderr=subprocess.STDOUT, check=False).returncode != 0:
-                    shutil.copy(log, target.parent / FAILED_LOG)
+                returncode = subprocess.run(step, stdout=out, stderr=subprocess.STDOUT, check=False).returncode
+                if returncode < 0:  # killed by a signal (the OOM killer, Ctrl+C): not remembered
+                    raise RuntimeError(f"the CMake build was killed by signal {-returncode}; the next import "
+                                       f"tries again")
+                if returncode > 0:
+                    _copy_into_place(log, target.parent / FAILED_LOG)
                     tail = "".join(log.read_text().splitlines(keepends=True)[-15:])
                     raise RuntimeError(f"the CMake build failed (log: {target.parent / FAILED_LOG}; delete "
                                        f"{target.parent} to retry):\n{tail}")
-        partial = target.with_suffix(".partial")
-        shutil.copy(Path(build) / LIBRARY_NAME, partial)
-        os.replace(partial, target)
+        _copy_into_place(Path(build) / LIBRARY_NAME, target)
     print(f"kernels: built {target} in {time.monotonic() - started:.0f} s", file=sys.stderr, flush=True)
 
 
@@ -122,10 +135,14 @@ def _built_library() -> Path:
         raise RuntimeError(f"its build failed before (log: {target.parent / FAILED_LOG}; delete {target.parent} "
                            f"to retry)")
     target.parent.mkdir(parents=True, exist_ok=True)
-    with open(target.parent / ".lock", "w") as lock:
+    # O_NOFOLLOW and no truncation: a link planted at the lock's name is refused, not written through.
+    lock = os.open(target.parent / ".lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    try:
         fcntl.flock(lock, fcntl.LOCK_EX)  # another process may be building it: wait, then reuse its file
         if not target.is_file() and not (target.parent / FAILED_LOG).is_file():
             _build(target)
+    finally:
+        os.close(lock)
     if not target.is_file():
         raise RuntimeError(f"another process's build of it failed (log: {target.parent / FAILED_LOG})")
     return target
@@ -143,7 +160,10 @@ def load() -> bool:
     try:
         explicit = os.environ.get("LGT_CSRC_LIBRARY")
         path = Path(explicit) if explicit else _built_library()
-        torch.ops.load_library(str(path))
+        try:
+            torch.ops.load_library(str(path))
+        except OSError as error:
+            raise RuntimeError(f"{path} does not load ({error}); delete {path.parent} to rebuild it") from error
     except (OSError, RuntimeError) as error:
         _problem = f"the csrc op library is not available: {error}"
         warnings.warn(f"kernels: {_problem}. CPU tensors use the PyTorch reference ops (set LGT_CSRC=0 to "

@@ -7,7 +7,6 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
-from torch.autograd.function import once_differentiable
 
 
 class PatchSWDKernels(NamedTuple):
@@ -40,8 +39,13 @@ class _PatchSWDFromProjections(torch.autograd.Function):
         return loss.to(x.dtype)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_loss):
+        if torch.is_grad_enabled():
+            # backward(create_graph=True): the gradient would be returned detached from the graph
+            # and its own derivative silently zero (once_differentiable raises only when grad_loss
+            # requires grad, which it does not here).
+            raise RuntimeError("patch_swd: the fused backward is not differentiable (create_graph=True); use "
+                               "backend='torch' for higher-order gradients of the patch SWD")
         theta, grad_proj_x, grad_proj_y, x, y = ctx.saved_tensors
         need_grad_x, need_grad_y, need_grad_theta = ctx.needs_grad
         grad_projs = (grad_proj_x if need_grad_x else None, grad_proj_y if need_grad_y else None)

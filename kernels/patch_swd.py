@@ -105,11 +105,15 @@ def patch_swd(x, y, theta, kernel_size=3, backend="auto"):
     H*W projections of x[b] and y[b] are sorted; returns the mean over b, p, n of the squared
     difference, a scalar in x's dtype, computed in float32. Differentiable in x, y and theta (each
     when it requires grad; LGT redraws theta every step and passes it as data, which costs nothing
-    extra). Rows longer than MAX_TRITON_ROW_LENGTH use the torch backend (warned once).
+    extra). Rows longer than MAX_TRITON_ROW_LENGTH use the torch backend (warned once). The fused
+    backends' backward is not itself differentiable: a second derivative (backward with
+    create_graph=True through this loss) is refused with an error naming backend="torch".
     """
     _check_inputs(x, y, theta, kernel_size)
     resolved = resolve_backend(backend, x, y, theta)
-    if resolved == "torch":
+    # The fused backends' autograd Function has neither jvp nor vmap rules (torch.func would fail):
+    # under a transform the reference runs, whatever the backend.
+    if resolved == "torch" or torch._C._are_functorch_transforms_active():
         return _patch_swd_torch(x, y, theta, kernel_size)
     if resolved == "csrc":
         dtype = torch.promote_types(x.dtype, torch.float32)  # the C++ op computes in x's float dtype

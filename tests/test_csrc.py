@@ -137,6 +137,9 @@ def test_group_norm_film_silu_nan_propagates_and_large_inputs_stay_finite():
                                rtol=1e-5, atol=1e-5)
     x[0, 0, 1, 1] = float("nan")
     assert torch.isnan(kernels.group_norm_film_silu(x, 1, backend="csrc")[0, 0]).all()
+    x[0, 0, 1, 1] = float("inf")  # the group's variance is NaN: all of it NaN, as in the reference
+    torch.testing.assert_close(torch.isnan(kernels.group_norm_film_silu(x, 1, backend="csrc")),
+                               torch.isnan(group_norm_film_silu_reference(x, 1)))
 
 
 def test_group_norm_film_silu_registration_passes_opcheck(seed):
@@ -299,3 +302,37 @@ def test_a_failed_build_is_remembered_not_retried(tmp_path):
     second = run_python(code, **env)
     assert "its build failed before" in second.stderr, second.stderr
     assert (tmp_path / "calls").read_text().count("CMake Error") == 1  # cmake ran once
+
+
+def test_patch_swd_refuses_a_second_derivative_and_runs_the_reference_under_torch_func(seed):
+    x, y, theta = swd_inputs((2, 2, 4, 4), 3, 3, torch.float32)
+    loss = kernels.patch_swd(x, y.detach(), theta.detach(), 3, backend="csrc")
+    with pytest.raises(RuntimeError, match="backend='torch' for higher-order"):
+        torch.autograd.grad(loss, x, create_graph=True)
+    grad = torch.func.grad(lambda x: kernels.patch_swd(x, y.detach(), theta.detach(), 3, backend="csrc"))(x.detach())
+    (want,) = torch.autograd.grad(patch_swd_reference(x, y.detach(), theta.detach(), 3), x)
+    torch.testing.assert_close(grad, want)
+
+
+def test_the_ops_check_their_operands_when_called_directly():
+    """torch.ops callers skip the Python checks: a wrong shape must fail, not read out of bounds."""
+    x = torch.randn(2, 6, 3, 3)
+    with pytest.raises(RuntimeError, match="weight must be a floating-point CPU tensor of shape"):
+        torch.ops.lgt.csrc_group_norm_film_silu_fwd(x, 3, torch.randn(2), None, None, None, 1e-5, True)
+    with pytest.raises(RuntimeError, match="scale must be"):
+        torch.ops.lgt.csrc_group_norm_film_silu_fwd(x, 3, None, None, torch.randn(1, 6), None, 1e-5, True)
+    _, mean, rstd = torch.ops.lgt.csrc_group_norm_film_silu_fwd(x, 3, None, None, None, None, 1e-5, True)
+    with pytest.raises(RuntimeError, match="mean must be"):
+        torch.ops.lgt.csrc_group_norm_film_silu_bwd(x, x, mean[:1], rstd, 3, None, None, None, None, True)
+
+
+def test_patch_swd_theta_gradient_is_deterministic(seed):
+    """Two threads each sum a chunk of images; the chunks are added in order, not as threads finish."""
+    x, y, theta = swd_inputs((5, 3, 6, 6), 3, 16, torch.float32)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        grads = [torch.autograd.grad(kernels.patch_swd(x, y, theta, 3, backend="csrc"), theta)[0] for _ in range(8)]
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(grads[0], g) for g in grads[1:])
