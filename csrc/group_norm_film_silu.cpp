@@ -112,6 +112,25 @@ void row_statistics(const scalar_t* p, int64_t n, double& mean, double& m2) {
   m2 = sums[1] - sums[0] * sums[0] / static_cast<double>(n);
 }
 
+// Per-channel sums over the HW positions of one channels_last batch row: add(i, s1, s2) adds
+// position i's C values into the acc_t partial sums s1 and s2, which go to the double totals t1 and
+// t2 every kFlushEvery positions. (The C-long buffers are the caller's, reused row after row.)
+template <typename acc_t, typename F>
+void position_sums(int64_t HW, const F& add, std::vector<acc_t>& s1, std::vector<acc_t>& s2,
+                   std::vector<double>& t1, std::vector<double>& t2) {
+  std::fill(t1.begin(), t1.end(), 0.0);
+  std::fill(t2.begin(), t2.end(), 0.0);
+  for (int64_t start = 0; start < HW; start += kFlushEvery) {
+    std::fill(s1.begin(), s1.end(), acc_t(0));
+    std::fill(s2.begin(), s2.end(), acc_t(0));
+    for (int64_t i = start; i < std::min(HW, start + kFlushEvery); ++i) add(i, s1.data(), s2.data());
+    for (size_t c = 0; c < s1.size(); ++c) {
+      t1[c] += s1[c];
+      t2[c] += s2[c];
+    }
+  }
+}
+
 // Per-channel mean and M2 of a channels_last x, every (b, c), each channel shifted by its value at
 // the first position.
 template <typename scalar_t, typename acc_t>
@@ -125,19 +144,9 @@ void channels_last_statistics(const scalar_t* x, const Shape& s, std::vector<dou
     for (int64_t b = begin; b < end; ++b) {
       const scalar_t* base = x + b * s.HW * s.C;
       for (int64_t c = 0; c < s.C; ++c) shift[c] = static_cast<acc_t>(base[c]);
-      std::fill(t1.begin(), t1.end(), 0.0);
-      std::fill(t2.begin(), t2.end(), 0.0);
-      for (int64_t start = 0; start < s.HW; start += kFlushEvery) {
-        std::fill(s1.begin(), s1.end(), acc_t(0));
-        std::fill(s2.begin(), s2.end(), acc_t(0));
-        for (int64_t i = start; i < std::min(s.HW, start + kFlushEvery); ++i) {
-          accumulate_moments(base + i * s.C, shift.data(), s1.data(), s2.data(), s.C);
-        }
-        for (int64_t c = 0; c < s.C; ++c) {
-          t1[c] += s1[c];
-          t2[c] += s2[c];
-        }
-      }
+      position_sums(s.HW, [&](int64_t i, acc_t* a, acc_t* b) {
+        accumulate_moments(base + i * s.C, shift.data(), a, b, s.C);
+      }, s1, s2, t1, t2);
       for (int64_t c = 0; c < s.C; ++c) {
         mean[b * s.C + c] = shift[c] + t1[c] / n;
         m2[b * s.C + c] = t2[c] - t1[c] * t1[c] / n;
@@ -402,20 +411,10 @@ void backward_impl(const at::Tensor& dy, const at::Tensor& x, const Shape& s, bo
       const acc_t* Bb = Bc.data() + b * s.C;
       const acc_t* Rb = R.data() + b * s.C;
       const acc_t* Mb = M.data() + b * s.C;
-      std::fill(t1.begin(), t1.end(), 0.0);
-      std::fill(t2.begin(), t2.end(), 0.0);
-      for (int64_t start = 0; start < s.HW; start += kFlushEvery) {
-        std::fill(s1.begin(), s1.end(), acc_t(0));
-        std::fill(s2.begin(), s2.end(), acc_t(0));
-        for (int64_t i = start; i < std::min(s.HW, start + kFlushEvery); ++i) {
-          const int64_t row = (b * s.HW + i) * s.C;
-          accumulate_gradient_sums<kAct>(xp + row, dyp + row, Ab, Bb, Rb, Mb, s1.data(), s2.data(), s.C);
-        }
-        for (int64_t c = 0; c < s.C; ++c) {
-          t1[c] += s1[c];
-          t2[c] += s2[c];
-        }
-      }
+      position_sums(s.HW, [&](int64_t i, acc_t* du, acc_t* du_xhat) {
+        const int64_t row = (b * s.HW + i) * s.C;
+        accumulate_gradient_sums<kAct>(xp + row, dyp + row, Ab, Bb, Rb, Mb, du, du_xhat, s.C);
+      }, s1, s2, t1, t2);
       for (int64_t c = 0; c < s.C; ++c) {
         sum_du[b * s.C + c] = static_cast<acc_t>(t1[c]);
         sum_du_xhat[b * s.C + c] = static_cast<acc_t>(t2[c]);
