@@ -133,13 +133,30 @@ def make_grid(images: torch.Tensor, nrow: int, padding: int = 2) -> np.ndarray:
     return grid.numpy()
 
 
+# The picture file formats the commands write, by file name extension (any case).
+PICTURE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG"}
+
+
+def picture_format(path: str | Path) -> str:
+    """PIL's format name for a picture written to `path`; ValueError for an extension not in
+    PICTURE_FORMATS (a .webp name must not get PNG bytes)."""
+    suffix = Path(path).suffix.lower()
+    if suffix not in PICTURE_FORMATS:
+        raise ValueError(f"{path}: unknown picture extension {suffix or '(none)'!r}; use "
+                         f"{', '.join(PICTURE_FORMATS)}")
+    return PICTURE_FORMATS[suffix]
+
+
 def save_grid(images: torch.Tensor, path: str | Path, nrow: int, padding: int = 2) -> None:
-    """Write `make_grid(images, nrow, padding)` as a PNG, atomically: a reader never sees half a
-    file. One image with nrow=1, padding=0 saves that image alone."""
+    """Write `make_grid(images, nrow, padding)` as a PNG or JPEG (by `path`'s extension, see
+    picture_format; JPEG at quality 95), atomically: a reader never sees half a file. One image with
+    nrow=1, padding=0 saves that image alone."""
+    file_format = picture_format(path)
     grid = make_grid(images, nrow, padding)
     picture = Image.fromarray(grid[:, :, 0] if grid.shape[2] == 1 else grid)
+    options = {"quality": 95} if file_format == "JPEG" else {}
     with replacing(path) as temporary:  # created exclusively: a planted symlink is never written through
-        picture.save(temporary, format="PNG")
+        picture.save(temporary, format=file_format, **options)
 
 
 def grid_for_tensorboard(images: torch.Tensor, nrow: int, padding: int = 2) -> torch.Tensor:

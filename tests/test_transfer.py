@@ -9,11 +9,14 @@ import torch
 from PIL import Image
 
 from engine import checkpoint as ckpt
+from engine.commands import sample as sample_command
+from engine.commands import transfer as transfer_command
 from engine.commands.transfer import main
 from engine.config import load_config
 from engine.encode import encode_folder
 from engine.methods.autoencoder import AutoencoderMethod
 from engine.models.autoencoder import build_autoencoder
+from engine.pictures import save_grid
 from engine.prepare import prepare
 from engine.train import train
 
@@ -171,3 +174,20 @@ def test_per_class_without_eval_is_a_usage_error(lgt_run, tmp_path, capsys):
     run, images, _ = lgt_run
     assert main(["--checkpoint", str(run), "--content", str(images / "dots"), "--per-class", "2"]) == 2
     assert "engine-transfer: error: --per-class only applies with --eval" in capsys.readouterr().err
+
+
+def test_out_extension_picks_the_format_or_is_refused_before_any_work(tmp_path, capsys):
+    """A .jpg name gets JPEG bytes, not PNG bytes under a .jpg name; an unknown extension is a usage
+    error (exit 2) before the run is even opened."""
+    images = torch.rand(4, 3, 8, 8) * 2 - 1
+    for name, expected in (("grid.jpg", "JPEG"), ("grid.JPEG", "JPEG"), ("grid.png", "PNG")):
+        save_grid(images, tmp_path / name, nrow=2)
+        with Image.open(tmp_path / name) as picture:
+            assert picture.format == expected, name
+    for command in (transfer_command, sample_command):
+        with pytest.raises(SystemExit) as exit_info:
+            command.main(["--checkpoint", str(tmp_path / "no-run"), "--content", "x.png", "--style", "all",
+                          "--out", str(tmp_path / "grid.webp")] if command is transfer_command else
+                         ["--checkpoint", str(tmp_path / "no-run"), "--out", str(tmp_path / "grid.webp")])
+        assert exit_info.value.code == 2
+        assert "unknown picture extension '.webp'" in capsys.readouterr().err

@@ -23,6 +23,7 @@ from collections.abc import Callable
 from engine.checkpoint import CheckpointError
 from engine.filelock import LockHeld
 from engine.options import ConfigError
+from engine.pictures import picture_format
 from engine.prepare import RunInterrupted
 from engine.train import DataReadError, NonFiniteLossError
 
@@ -81,6 +82,15 @@ def non_negative_float(text: str) -> float:
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
     return value
+
+
+def picture_path(text: str) -> str:
+    """An output picture's path: .png, .jpg or .jpeg, refused before any work otherwise."""
+    try:
+        picture_format(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return text
 
 
 def device_name(text: str) -> str:

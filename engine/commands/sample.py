@@ -22,6 +22,7 @@ from engine.commands import (
     at_least,
     finite_float,
     non_negative_float,
+    picture_path,
     run_command,
 )
 from engine.data.base import class_ids
@@ -40,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROG, description="Draw a PNG grid of samples from a trained "
                                                             "ddpm, fm, fmm or score_flow run.")
     parser.add_argument("--checkpoint", required=True, help="run directory or checkpoints/step-N directory")
-    parser.add_argument("--out", default="samples.png", help="PNG file to write")
+    parser.add_argument("--out", type=picture_path, default="samples.png",
+                        help="grid picture to write: .png, or .jpg / .jpeg (JPEG, quality 95)")
     parser.add_argument("--n", type=at_least(1), default=16, help="number of samples")
     parser.add_argument("--sampler", choices=ALL_SAMPLERS,
                         help="ddpm: ddpm | ddim; fm: euler | midpoint | heun | dopri5; fmm: compose; "

@@ -24,6 +24,7 @@ from engine.commands import (
     add_device_argument,
     at_least,
     non_negative_float,
+    picture_path,
     run_command,
 )
 from engine.data.base import class_ids
@@ -63,7 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="solver steps (default: ode.steps of the run)")
     parser.add_argument("--solver", choices=("euler", "heun", "rk4"), default=None,
                         help="ODE solver (default: ode.solver of the run)")
-    parser.add_argument("--out", default="transfer.png", help="PNG grid to write")
+    parser.add_argument("--out", type=picture_path, default="transfer.png",
+                        help="grid picture to write: .png, or .jpg / .jpeg (JPEG, quality 95)")
     add_device_argument(parser)
     parser.add_argument("--seed", type=int, default=0, help="seed of the rows drawn from --content-latents")
     parser.add_argument("--per-class", type=at_least(1), default=None,
