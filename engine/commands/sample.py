@@ -1,6 +1,6 @@
-"""engine-sample: a PNG grid of samples from a trained generative run (EMA weights by default).
+"""engine-sample: a PNG or JPEG grid of samples from a trained generative run (EMA weights by default).
 
-    engine-sample --checkpoint RUN [--sampler NAME] [--steps N] [--eta 0] [--cfg 1.5]
+    engine-sample --checkpoint RUN [--sampler NAME] [--steps N] [--eta 0] [--cfg 1.0]
                   [--labels brick,grass] [--n 16] [--seed 0] [--device auto] --out samples.png
 
 Runs of ddpm, fm (flow matching), fmm (flow map matching) and score_flow. Each method has its own

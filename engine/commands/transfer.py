@@ -1,4 +1,4 @@
-"""engine-transfer: LGT style transfer from a trained run to a PNG grid, or the run's evaluation.
+"""engine-transfer: LGT style transfer from a trained run to a PNG or JPEG grid, or the run's evaluation.
 
     engine-transfer --checkpoint RUN --content IMG_OR_DIR --style all|ID|NAME[,...] [--cfg 2.0]
                     [--out transfer.png] [--steps N] [--solver euler|heun|rk4] [--device auto]
