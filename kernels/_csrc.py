@@ -7,7 +7,7 @@
      --build build`, then LGT_CSRC_LIBRARY=build/liblgt_csrc.so).
   3. Otherwise the library cached for these sources and this torch is loaded from
      $XDG_CACHE_HOME/lgt-engine/csrc/<key>/ (~/.cache/...); the first time, it is built there with
-     CMake from the source checkout (about 20 s on 2 cores), under a lock so that concurrent
+     CMake from the source checkout (about a minute on 2 cores), under a lock so that concurrent
      processes (torchrun ranks, parallel tests) build it once.
 
 Any failure (no cmake or compiler, no csrc/ beside the package, a failed build) is said once per
@@ -36,6 +36,9 @@ import torch
 
 LIBRARY_NAME = "liblgt_csrc.so"
 FAILED_LOG = "build.log"  # left where the library would be by a build that failed
+# The ops kernels/ registers fake versions for and calls: a library without one of them is not used.
+OPS = ("csrc_group_norm_film_silu", "csrc_group_norm_film_silu_fwd", "csrc_group_norm_film_silu_bwd",
+       "csrc_patch_swd_fwd", "csrc_patch_swd_image_grad", "csrc_patch_swd_theta_grad")
 SOURCE_ROOT = Path(__file__).resolve().parents[1]  # the checkout holding CMakeLists.txt and csrc/
 
 _loaded = False
@@ -98,7 +101,7 @@ def _build(target: Path) -> None:
     if cmake is None:
         raise RuntimeError("cmake is not installed (e.g. `apt install cmake g++` or `pip install cmake`)")
     target.parent.mkdir(parents=True, exist_ok=True)
-    print("kernels: building the C++ op library (csrc/) for this torch, once; about 20 s ...",
+    print("kernels: building the C++ op library (csrc/) for this torch, once; about a minute ...",
           file=sys.stderr, flush=True)
     started = time.monotonic()
     with tempfile.TemporaryDirectory(dir=target.parent, prefix="build-") as build:
@@ -157,13 +160,18 @@ def load() -> bool:
     if os.environ.get("LGT_CSRC", "1") == "0":
         _problem = "LGT_CSRC=0 is set"
         return False
+    explicit = os.environ.get("LGT_CSRC_LIBRARY")
     try:
-        explicit = os.environ.get("LGT_CSRC_LIBRARY")
         path = Path(explicit) if explicit else _built_library()
+        where = f"LGT_CSRC_LIBRARY={path}" if explicit else str(path)
+        remedy = "build it again by hand" if explicit else f"delete {path.parent} to rebuild it"
         try:
             torch.ops.load_library(str(path))
         except OSError as error:
-            raise RuntimeError(f"{path} does not load ({error}); delete {path.parent} to rebuild it") from error
+            raise RuntimeError(f"{where} does not load ({error}); {remedy}") from error
+        missing = [name for name in OPS if not hasattr(torch.ops.lgt, name)]
+        if missing:  # e.g. a build by hand from older sources
+            raise RuntimeError(f"{where} lacks the ops {', '.join(missing)} (built from other sources); {remedy}")
     except (OSError, RuntimeError) as error:
         _problem = f"the csrc op library is not available: {error}"
         warnings.warn(f"kernels: {_problem}. CPU tensors use the PyTorch reference ops (set LGT_CSRC=0 to "

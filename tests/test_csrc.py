@@ -336,3 +336,12 @@ def test_patch_swd_theta_gradient_is_deterministic(seed):
     finally:
         torch.set_num_threads(threads)
     assert all(torch.equal(grads[0], g) for g in grads[1:])
+
+
+def test_a_library_named_by_hand_that_does_not_load_is_named_and_skipped(tmp_path):
+    (tmp_path / "liblgt_csrc.so").write_bytes(b"not a shared library")
+    result = run_python("import kernels; print(kernels._dispatch.csrc_loaded())",
+                        LGT_CSRC_LIBRARY=str(tmp_path / "liblgt_csrc.so"))
+    assert result.returncode == 0 and result.stdout.strip() == "False", result.stderr
+    assert f"LGT_CSRC_LIBRARY={tmp_path / 'liblgt_csrc.so'} does not load" in result.stderr
+    assert "build it again by hand" in result.stderr
