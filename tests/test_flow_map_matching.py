@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from test_train import assert_same_final_weights, losses
 
 import kernels
 from engine.checkpoint import latest_checkpoint
@@ -32,11 +33,6 @@ UNPATCHED_GROUP_NORM = kernels.group_norm_film_silu
 
 def tiny_config(run_dir: Path, *extra: str):
     return load_config(None, [*TINY, f"--run.dir={run_dir}", *extra])
-
-
-def losses(run_dir: Path) -> dict[int, float]:
-    rows = map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
-    return {row["step"]: row["loss"] for row in rows if "loss" in row}
 
 
 def tiny_method(num_classes: int = 3, dtype=torch.float32, levels: int = 1, **settings) -> FlowMapMatching:
@@ -193,10 +189,9 @@ def test_resume_replays_identical_losses_and_curriculum(fmm_runs):
     assert losses(fmm_runs / "straight") == losses(fmm_runs / "resumed")
     rows = [json.loads(line) for line in (fmm_runs / "resumed" / "metrics.jsonl").read_text().splitlines()]
     assert [row["max_gap"] for row in rows] == pytest.approx([0.1 + 0.09 * step for step in range(6)])
-    weights_a = latest_checkpoint(fmm_runs / "straight" / "checkpoints").model_state()
-    weights_b = latest_checkpoint(fmm_runs / "resumed" / "checkpoints").model_state()
-    assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
-    assert weights_b["micro_batches"].item() == 6
+    assert_same_final_weights(fmm_runs / "straight", fmm_runs / "resumed")
+    resumed = latest_checkpoint(fmm_runs / "resumed" / "checkpoints").model_state()
+    assert resumed["micro_batches"].item() == 6
 
 
 def test_a_short_run_lowers_the_loss_and_logs_the_terms(fmm_runs):

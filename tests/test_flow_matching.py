@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_train import assert_same_final_weights, losses
 
-from engine.checkpoint import latest_checkpoint
 from engine.commands.sample import main as sample_main
 from engine.config import load_config
 from engine.data.base import Batch
@@ -26,11 +26,6 @@ TINY = ["--method.name=fm", "--data.source=builtin:textures", "--data.image_size
 
 def tiny_config(run_dir: Path, *extra: str):
     return load_config(None, [*TINY, f"--run.dir={run_dir}", *extra])
-
-
-def losses(run_dir: Path) -> dict[int, float]:
-    rows = map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
-    return {row["step"]: row["loss"] for row in rows if "loss" in row}
 
 
 class Recorder(torch.nn.Module):
@@ -133,9 +128,7 @@ def fm_runs(tmp_path_factory):
 
 def test_resume_replays_identical_losses(fm_runs):
     assert losses(fm_runs / "straight") == losses(fm_runs / "resumed")
-    weights_a = latest_checkpoint(fm_runs / "straight" / "checkpoints").model_state()
-    weights_b = latest_checkpoint(fm_runs / "resumed" / "checkpoints").model_state()
-    assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
+    assert_same_final_weights(fm_runs / "straight", fm_runs / "resumed")
 
 
 def test_a_short_run_lowers_the_loss_and_logs_its_quality(fm_runs):

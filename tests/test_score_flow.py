@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 from test_flow_map_matching import float64_sinusoid
+from test_train import assert_same_final_weights, losses
 
-from engine.checkpoint import latest_checkpoint
 from engine.commands.sample import main as sample_main
 from engine.config import load_config
 from engine.data.digits import BuiltinDigits, load_digits_images
@@ -29,11 +29,6 @@ TINY = ["--method.name=score_flow", "--data.source=builtin:digits", "--score_flo
 
 def tiny_config(run_dir: Path, *extra: str):
     return load_config(None, [*TINY, f"--run.dir={run_dir}", *extra])
-
-
-def losses(run_dir: Path) -> dict[int, float]:
-    rows = map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
-    return {row["step"]: row["loss"] for row in rows if "loss" in row}
 
 
 def network(num_classes: int = 3, dtype=torch.float64) -> ScoreFlowNetwork:
@@ -153,9 +148,7 @@ def score_flow_runs(tmp_path_factory):
 
 def test_resume_replays_identical_losses(score_flow_runs):
     assert losses(score_flow_runs / "straight") == losses(score_flow_runs / "resumed")
-    weights_a = latest_checkpoint(score_flow_runs / "straight" / "checkpoints").model_state()
-    weights_b = latest_checkpoint(score_flow_runs / "resumed" / "checkpoints").model_state()
-    assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
+    assert_same_final_weights(score_flow_runs / "straight", score_flow_runs / "resumed")
 
 
 def test_a_short_run_lowers_the_loss_and_logs_its_quality(score_flow_runs):

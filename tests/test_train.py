@@ -28,8 +28,17 @@ def tiny_config(run_dir: Path, *extra: str):
 
 
 def losses(run_dir: Path) -> dict[int, float]:
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return {row["step"]: row["loss"] for row in map(json.loads, lines)}
+    """step -> loss of a run's metrics.jsonl (rows without a loss, e.g. the final evaluation, skipped)."""
+    rows = map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+    return {row["step"]: row["loss"] for row in rows if "loss" in row}
+
+
+def assert_same_final_weights(run_a: Path, run_b: Path) -> None:
+    """The latest checkpoints of two run directories hold bit-identical model weights."""
+    weights_a = latest_checkpoint(run_a / "checkpoints").model_state()
+    weights_b = latest_checkpoint(run_b / "checkpoints").model_state()
+    assert weights_a.keys() == weights_b.keys()
+    assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
 
 
 def test_resume_replays_identical_losses(tmp_path):
@@ -45,9 +54,7 @@ def test_resume_replays_identical_losses(tmp_path):
     assert second.step == 6 and not second.stopped_early
 
     assert losses(straight) == losses(resumed)  # bit-identical, every step
-    weights_a = latest_checkpoint(straight / "checkpoints").model_state()
-    weights_b = latest_checkpoint(resumed / "checkpoints").model_state()
-    assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
+    assert_same_final_weights(straight, resumed)
 
 
 def test_run_directory_holds_config_metrics_samples_and_checkpoints(tmp_path):

@@ -40,7 +40,7 @@ from engine.methods.schedules import (
     v_from_eps_x0,
     x0_from_v,
 )
-from engine.methods.sections import ModelConfig
+from engine.methods.sections import ModelConfig, class_conditional_network
 from engine.models.unet import UNet
 from engine.options import option
 
@@ -126,10 +126,7 @@ class DDPM(Method):
 
     @classmethod
     def from_config(cls, cfg, data) -> DDPM:
-        channels, height, _ = data.sample_shape
-        num_classes = len(data.class_names)
-        model = UNet.from_config(cfg.model, in_channels=channels, out_channels=channels,
-                                 num_classes=num_classes, image_size=height)
+        model, num_classes = class_conditional_network(UNet, cfg.model, data)
         return cls(model, data.sample_shape, num_classes, cfg.ddpm, cfg.sample.num)
 
     @property

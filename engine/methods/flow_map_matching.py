@@ -55,7 +55,7 @@ from engine.data.base import Batch
 from engine.methods.base import LossOutput, Method
 from engine.methods.ddpm import grid_layout
 from engine.methods.generation import check_labels, evaluate_samples, guided, noise
-from engine.methods.sections import ModelConfig
+from engine.methods.sections import ModelConfig, class_conditional_network
 from engine.models.dual_time_unet import DualTimeUNet
 from engine.options import option
 
@@ -144,10 +144,7 @@ class FlowMapMatching(Method):
 
     @classmethod
     def from_config(cls, cfg, data) -> FlowMapMatching:
-        channels, height, _ = data.sample_shape
-        num_classes = len(data.class_names)
-        model = DualTimeUNet.from_config(cfg.model, in_channels=channels, out_channels=channels,
-                                         num_classes=num_classes, image_size=height)
+        model, num_classes = class_conditional_network(DualTimeUNet, cfg.model, data)
         return cls(model, data.sample_shape, num_classes, cfg.fmm, cfg.sample.num, cfg.train.grad_accum)
 
     @property

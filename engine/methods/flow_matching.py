@@ -33,7 +33,7 @@ from engine.methods.base import LossOutput, Method
 from engine.methods.ddpm import grid_layout
 from engine.methods.generation import check_labels, evaluate_samples, guided, noise
 from engine.methods.ode import SOLVERS, Tableau, rk_step
-from engine.methods.sections import ModelConfig
+from engine.methods.sections import ModelConfig, class_conditional_network
 from engine.models.unet import UNet
 from engine.options import option
 
@@ -146,10 +146,7 @@ class FlowMatching(Method):
 
     @classmethod
     def from_config(cls, cfg, data) -> FlowMatching:
-        channels, height, _ = data.sample_shape
-        num_classes = len(data.class_names)
-        model = UNet.from_config(cfg.model, in_channels=channels, out_channels=channels,
-                                 num_classes=num_classes, image_size=height)
+        model, num_classes = class_conditional_network(UNet, cfg.model, data)
         return cls(model, data.sample_shape, num_classes, cfg.fm, cfg.sample.num)
 
     @property

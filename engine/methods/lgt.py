@@ -46,7 +46,13 @@ from engine.methods.lgt_energy import (
     random_probe,
 )
 from engine.methods.ode import SOLVERS, integrate, integrate_with_aux
-from engine.methods.sections import AutoencoderConfig, ModelConfig, PrepareConfig, check_prepare_sizes
+from engine.methods.sections import (
+    AutoencoderConfig,
+    ModelConfig,
+    PrepareConfig,
+    check_prepare_sizes,
+    class_conditional_network,
+)
 from engine.models.unet import UNet
 from engine.options import option
 from engine.profiling import phase
@@ -221,8 +227,7 @@ class LGT(Method):
     @classmethod
     def from_config(cls, cfg, data: LatentSource | DataInfo) -> LGT:
         """`data`: the training LatentSource, or a DataInfo (opened from a checkpoint: no data)."""
-        channels, side = data.sample_shape[0], data.sample_shape[1]
-        unet = UNet.from_config(cfg.model, channels, channels, len(data.class_names), side)
+        unet, _ = class_conditional_network(UNet, cfg.model, data)  # one class per style
         sections = (data.sample_shape, data.class_names, cfg.lgt, cfg.ode, cfg.swd, cfg.ssm)
         if isinstance(data, LatentSource):
             _check_styles(data)

@@ -34,6 +34,17 @@ class ModelConfig:
         check(0 <= self.dropout < 1, "dropout", "must be in [0, 1)")
 
 
+def class_conditional_network(network_cls, model: ModelConfig, data):
+    """(`network_cls.from_config(model, ...)` for data's samples, the number of classes): as many
+    channels out as in, one class per class name (the network adds the null class), image_size the
+    samples' height. The denoiser of ddpm, the velocity fields of fm, fmm and lgt."""
+    channels, height, _ = data.sample_shape
+    num_classes = len(data.class_names)
+    network = network_cls.from_config(model, in_channels=channels, out_channels=channels, num_classes=num_classes,
+                                      image_size=height)
+    return network, num_classes
+
+
 @dataclass
 class AutoencoderConfig:
     kind: str = option("kl", "KL autoencoder (f=8) or the linear 784->128->784 one", ("kl", "linear"))
