@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from engine.checkpoint import open_checkpoint
+from engine.checkpoint import load_weights, open_checkpoint
 from engine.data.latents import AutoencoderIdentity
 from engine.methods.base import LazyAutoencoder
 from engine.models.autoencoder import AutoencoderKL, DiagonalGaussian, LinearAutoencoder, build_autoencoder
@@ -95,7 +95,7 @@ def load_engine_autoencoder(path: str | Path) -> AutoencoderKL | LinearAutoencod
     model = build_autoencoder(cfg.autoencoder, tuple(checkpoint.data_info()["sample_shape"]))
     prefix = "autoencoder."
     state = {k[len(prefix):]: v for k, v in checkpoint.model_state(ema=True).items() if k.startswith(prefix)}
-    model.load_state_dict(state)
+    load_weights(model, state, f"{checkpoint.path}'s autoencoder weights")
     return model
 
 

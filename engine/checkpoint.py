@@ -27,7 +27,8 @@ Layout of one checkpoint:
     ema.safetensors     the EMA copy's state_dict (absent when EMA is off)
     train_state.pt      optimizer, LR schedule, grad scaler, step, data position, RNG states
     config.toml         the resolved config of the run that wrote it
-    data_info.json      sample shape and class names, so samplers need not open the data
+    data_info.json      sample shape and class names (and the prompt table's shape, prompts and encoder
+                        for text conditioning), so samplers need not open the data
     manifest.json       {"step": N, "files": {name: {"bytes": n, "sha256": hex}}}
 """
 
@@ -66,6 +67,49 @@ class CheckpointError(RuntimeError):
     """No usable checkpoint where one was expected, or a checkpoint could not be written."""
 
 
+MAX_KEYS_SHOWN = 8
+
+
+def load_weights(module: torch.nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
+    """module.load_state_dict(state) with nothing skipped: CheckpointError naming every missing,
+    unexpected and shape-mismatched key (the first MAX_KEYS_SHOWN of each) when `state` (read from
+    `where`) does not fit the module exactly, e.g. a model built from another config or prompt table
+    than the one that saved the weights. Nothing is loaded then."""
+    expected = module.state_dict()
+    problems = []
+    mismatched = [f"{key} {list(state[key].shape)} saved, {list(expected[key].shape)} in the model"
+                  for key in sorted(expected.keys() & state.keys()) if state[key].shape != expected[key].shape]
+    for what, keys in (("shapes differ", mismatched),
+                       ("missing from the file", _by_block(expected.keys() - state.keys(), set(expected))),
+                       ("not in the model", _by_block(state.keys() - expected.keys(), set(state)))):
+        if keys:
+            more = f", and {len(keys) - MAX_KEYS_SHOWN} more" if len(keys) > MAX_KEYS_SHOWN else ""
+            problems.append(f"{what}: {'; '.join(keys[:MAX_KEYS_SHOWN])}{more}")
+    if problems:
+        raise CheckpointError(f"{where} does not fit the model built from its run's config ({' | '.join(problems)}); "
+                              f"the weights were saved by another model (another [model] section, data shape, "
+                              f"class list or prompt table): train into a new run.dir or point at the matching "
+                              f"checkpoint")
+    module.load_state_dict(state)
+
+
+def _by_block(keys: set[str], everything: set[str]) -> list[str]:
+    """`keys` (a subset of the state-dict keys `everything`) grouped by the largest module all of whose
+    keys are in `keys`: 'model.prompts.* (2)' when a whole prompt table is missing, the key itself
+    when its module has other keys."""
+    groups: dict[str, int] = {}
+    for key in keys:
+        parts = key.split(".")
+        group = key
+        for end in range(1, len(parts)):
+            prefix = ".".join(parts[:end]) + "."
+            if all(k in keys for k in everything if k.startswith(prefix)):
+                group = prefix + "*"
+                break
+        groups[group] = groups.get(group, 0) + 1
+    return [f"{group} ({count})" if group.endswith("*") else group for group, count in sorted(groups.items())]
+
+
 class _Damaged(Exception):
     """What is wrong with a checkpoint; verify() returns it as text."""
 
@@ -83,6 +127,12 @@ class Checkpoint:
             return load_file(self.path / name)
         except (SafetensorError, OSError) as err:
             raise CheckpointError(f"{self.path / name} cannot be read: {err}") from None
+
+    def load_into(self, module: torch.nn.Module, ema: bool = False) -> None:
+        """module.load_state_dict of this checkpoint's (EMA) weights, strictly: every key and shape must
+        match (CheckpointError naming the keys otherwise, see `load_weights`)."""
+        name = EMA_FILE if ema and (self.path / EMA_FILE).exists() else "model.safetensors"
+        load_weights(module, self.model_state(ema), str(self.path / name))
 
     def train_state(self) -> dict[str, Any]:
         try:
@@ -105,7 +155,21 @@ class Checkpoint:
         if not (isinstance(info, dict) and isinstance(info.get("sample_shape"), list)
                 and isinstance(info.get("class_names"), list)):
             raise CheckpointError(f"{path} does not hold the lists 'sample_shape' and 'class_names'")
+        if "text" in info and not _is_text_record(info["text"], len(info["class_names"])):
+            raise CheckpointError(f"{path}: its 'text' entry is not a prompt table record ({{'shape': [N, L, D] with "
+                                  f"N = classes + 1, 'prompts': N strings, 'encoder': a string}})")
         return info
+
+
+def _is_text_record(text: Any, num_classes: int) -> bool:
+    """A data_info.json "text" entry as engine.models.unet.text_conditioning_record writes it."""
+    if not isinstance(text, dict):
+        return False
+    shape, prompts = text.get("shape"), text.get("prompts")
+    return (isinstance(shape, list) and len(shape) == 3
+            and all(isinstance(n, int) and not isinstance(n, bool) and 0 < n <= 1 << 20 for n in shape)
+            and shape[0] == num_classes + 1 and isinstance(prompts, list) and len(prompts) == shape[0]
+            and all(isinstance(p, str) for p in prompts) and isinstance(text.get("encoder"), str))
 
 
 def _load_train_state(path: Path, mmap: bool = False) -> dict[str, Any]:

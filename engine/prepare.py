@@ -1,8 +1,9 @@
 """The preparation stage: turns a config's built-in data into what training reads, before the
 world and the method are built.
 
-Today that means one thing: a method that trains on latents (`Method.trains_on_latents`, e.g.
-LGT) with `data.source = "builtin:textures"`. On first use
+Today that means one thing: a config that trains on latents (`Method.trains_on_latents(cfg)`: LGT
+always; ddpm, fm and fmm with `<section>.latent = true`) with `data.source = "builtin:textures"`.
+On first use
   1. the built-in autoencoder is trained by engine-train's own loop on builtin:textures crops
      (unless data.autoencoder names one), in a run directory under run.cache_dir;
   2. prepare.crops crops of prepare.image_size are drawn and encoded;
@@ -62,7 +63,7 @@ def prepare(cfg: Config, world: World | None = None) -> Config:
     prepares, the others wait for it."""
     world = world or World()
     method = method_class(cfg.method.name)
-    if not method.trains_on_latents:
+    if not method.trains_on_latents(cfg):
         return cfg
     resolved = cfg.copy()
     if cfg.data.source == "builtin:textures":

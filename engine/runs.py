@@ -56,10 +56,10 @@ def load_run(path: str | Path, device: str = "auto", *, ema: bool = True, autoen
                                f"command needs {' or '.join(map(repr, methods))}{hint}")
     target = resolve_device(device)
     recorded = checkpoint.data_info()
-    info = DataInfo(tuple(recorded["sample_shape"]), list(recorded["class_names"]))
+    info = DataInfo(tuple(recorded["sample_shape"]), list(recorded["class_names"]), recorded.get("text"))
     method_cls = method_class(cfg.method.name)
     method = method_cls.from_config(cfg, info)
-    method.load_state_dict(checkpoint.model_state(ema=ema))
-    if method_cls.trains_on_latents:
+    checkpoint.load_into(method, ema=ema)
+    if method_cls.trains_on_latents(cfg):
         method.attach_autoencoder(lazy_autoencoder(autoencoder or cfg.data.autoencoder, target))
     return TrainedRun(method.to(target).eval(), cfg, checkpoint, info, target)

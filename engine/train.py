@@ -39,6 +39,7 @@ from engine.filelock import LockHeld, exclusive_lock
 from engine.graphs import StepGraph, capture_problem
 from engine.methods import Method, method_class
 from engine.metrics import MetricsWriter
+from engine.models.unet import describe_text_conditioning, text_conditioning_record
 from engine.pictures import grid_for_tensorboard, save_grid
 from engine.profiling import phase
 from engine.safe_files import write_text_atomic
@@ -162,9 +163,9 @@ class TrainState:
 
     def restore(self, checkpoint: ckpt.Checkpoint, cfg: Config) -> None:
         """Weights, EMA and train state from `checkpoint`, then the current config's optimizer settings."""
-        self.method.load_state_dict(checkpoint.model_state(ema=False))
+        checkpoint.load_into(self.method, ema=False)
         if self.ema is not None:
-            self.ema.module.load_state_dict(checkpoint.model_state(ema=True))  # its update count: below
+            checkpoint.load_into(self.ema.module, ema=True)  # its update count: below
         self.load_state_dict(checkpoint.train_state(), str(checkpoint.path))
         self.set_learning_rate(cfg)
 
@@ -334,8 +335,11 @@ def setup(cfg: Config, world: World) -> Session:
     torch.manual_seed(batch_seed(cfg.run.seed, 0, 0, Stream.INIT))
     memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
     method = method_cls.from_config(cfg, data).to(device, memory_format=memory_format)
-    if method_cls.trains_on_latents:  # decodes latents for the sample grids, on this rank's device
+    if method_cls.trains_on_latents(cfg):  # decodes latents for the sample grids, on this rank's device
         method.attach_autoencoder(lazy_autoencoder(cfg.data.autoencoder, device))
+    text = describe_text_conditioning(method)
+    if text and world.is_main:
+        tqdm.write(text)
     ema = EMA(method, cfg.train.ema_decay, cfg.train.ema_warmup) if cfg.train.ema_decay > 0 else None
 
     params = [p for p in method.parameters() if p.requires_grad]
@@ -525,10 +529,18 @@ def save_checkpoint(s: Session) -> None:
             ckpt.save_checkpoint(
                 s.checkpoint_dir, state.step, model_state=state.method.state_dict(),
                 ema_state=state.ema.state_dict() if state.ema else None, train_state=state.state_dict(),
-                config=s.cfg, data_info={"sample_shape": list(s.data.sample_shape),
-                                         "class_names": list(s.data.class_names)},
+                config=s.cfg, data_info=_data_info(s),
                 keep=s.cfg.checkpoint.keep)
         s.world.barrier()
+
+
+def _data_info(s: Session) -> dict:
+    """What a checkpoint records of the data (and prompt table) to rebuild the method without them."""
+    info = {"sample_shape": list(s.data.sample_shape), "class_names": list(s.data.class_names)}
+    text = text_conditioning_record(s.state.method)
+    if text is not None:
+        info["text"] = text
+    return info
 
 
 def _log(s: Session, terms: dict[str, torch.Tensor], grad_norm: torch.Tensor, progress: tqdm) -> None:

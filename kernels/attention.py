@@ -13,7 +13,14 @@ which attention is written out as plain tensor ops (softmax(q k^T) v in fp32, as
 computes it): differentiable to any order, in forward mode and under vmap. Everywhere else the
 fused kernels run with nothing wrapped around them (torch.compile traces them without a break).
 xformers is an optional build for one torch and CUDA: with `backend="auto"` an xformers that imports
-but rejects the inputs (or was built for another GPU) is skipped for SDPA, with one warning."""
+but rejects the inputs (or was built for another GPU) is skipped for SDPA, with one warning.
+
+Key padding (cross-attention to a padded prompt context): `key_padding_mask` [B, Lk] bool, True for
+a real key. It reaches SDPA as an additive bias [B, 1, 1, Lk] (0 or -inf), which rules out SDPA's
+flash kernel and leaves its memory-efficient one (masks of any length; the prompt tables keep Lk a
+multiple of 8 so the bias needs no padding there). Masked attention does not go through xformers,
+whose tensor biases need a [B, heads, Lq, Lk] layout of their own: `backend="xformers"` with a mask
+is a ValueError. Every row must keep at least one key, or its softmax is 0/0."""
 
 from __future__ import annotations
 
@@ -38,7 +45,7 @@ def _xformers_ops():
     return xops
 
 
-def _check_inputs(q, k, v):
+def _check_inputs(q, k, v, key_padding_mask):
     # ValueError like every other bad argument (the kernels contract), not TypeError.
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
@@ -53,6 +60,12 @@ def _check_inputs(q, k, v):
     if not q.device == k.device == v.device:
         raise ValueError(f"attention: q, k and v must be on one device, got {q.device}, {k.device}, "
                          f"{v.device}")
+    if key_padding_mask is not None and (key_padding_mask.dtype != torch.bool
+                                         or key_padding_mask.shape != (k.shape[0], k.shape[2])
+                                         or key_padding_mask.device != k.device):
+        raise ValueError(f"attention: key_padding_mask must be a bool tensor [B, Lk] = {[k.shape[0], k.shape[2]]} "
+                         f"on {k.device}, got {key_padding_mask.dtype} {list(key_padding_mask.shape)} on "
+                         f"{key_padding_mask.device}")
 
 
 @functools.cache
@@ -66,10 +79,18 @@ def _xformers_attention(xops, q, k, v):
     return out.transpose(1, 2)
 
 
-def _written_out_attention(q, k, v):
+def _padding_bias(key_padding_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[B, Lk] bool (True = attend) -> additive bias [B, 1, 1, Lk]: 0 where kept, -inf where masked."""
+    bias = torch.zeros(key_padding_mask.shape, dtype=dtype, device=key_padding_mask.device)
+    return bias.masked_fill(~key_padding_mask, float("-inf"))[:, None, None, :]
+
+
+def _written_out_attention(q, k, v, key_padding_mask=None):
     """softmax(q k^T / sqrt(d)) v in fp32 (SDPA's math formulation), in q's dtype: differentiable
     as many times as needed; it stores the [B, heads, Lq, Lk] probabilities."""
     scores = (q.float() @ k.float().transpose(-2, -1)) * q.shape[-1] ** -0.5
+    if key_padding_mask is not None:
+        scores = scores + _padding_bias(key_padding_mask, torch.float32)
     return (scores.softmax(dim=-1) @ v.float()).to(q.dtype)
 
 
@@ -87,8 +108,10 @@ def unfused_attention() -> Iterator[None]:
         _unfused.active = previous
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "auto") -> torch.Tensor:
-    """softmax(q k^T / sqrt(d)) v for q, k, v of shape [B, heads, L, d]; returns [B, heads, L, d].
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "auto",
+              key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)) v for q [B, heads, Lq, d], k and v [B, heads, Lk, d]; returns
+    [B, heads, Lq, d]. `key_padding_mask` [B, Lk] bool: only keys marked True are attended to.
 
     q, k and v must be floating point of one dtype on one device (ValueError otherwise); the result
     has that dtype and is differentiable in all three. backend: "auto" (xformers on CUDA when it
@@ -98,9 +121,13 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = 
     """
     if backend not in ATTENTION_BACKENDS:
         raise ValueError(f"attention backend must be one of {ATTENTION_BACKENDS}, got {backend!r}")
-    _check_inputs(q, k, v)
+    _check_inputs(q, k, v, key_padding_mask)
     if getattr(_unfused, "active", False):
-        return _written_out_attention(q, k, v)
+        return _written_out_attention(q, k, v, key_padding_mask)
+    if key_padding_mask is not None:
+        if backend == "xformers":
+            raise ValueError("attention backend 'xformers' does not take a key_padding_mask here; use 'sdpa'")
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=_padding_bias(key_padding_mask, q.dtype))
     if backend == "xformers":
         xops = _xformers_ops()
         if xops is None or not q.is_cuda:

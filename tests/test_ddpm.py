@@ -15,7 +15,8 @@ from torch import nn
 
 from engine.config import Config, load_config
 from engine.data.base import Batch
-from engine.methods.ddpm import DDPM, DDPMConfig, ddim_timesteps, grid_layout
+from engine.methods.ddpm import DDPM, DDPMConfig, ddim_timesteps
+from engine.methods.generation import grid_layout
 from engine.methods.schedules import (
     eps_from_v,
     predict_eps_from_x0,

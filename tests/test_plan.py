@@ -116,6 +116,15 @@ def test_the_plan_takes_the_cuda_code_paths(latents, tmp_path):
     assert trace.syncs.get("optimizer") == 1  # the non-finite check's single host read
 
 
+def test_cross_attention_takes_a_fused_cuda_kernel():
+    """Text conditioning's masked cross-attention reaches SDPA in a layout and dtype its
+    memory-efficient kernel takes (a mask rules flash out), forward and backward, never the math path."""
+    cfg = load_config(CONFIGS / "text_textures.toml", ["--train.batch_size=2", "--sample.every=0"])
+    trace = trace_step(cfg)
+    assert trace.attention_backends.get("efficient", 0) > 0  # the cross-attention calls
+    assert set(trace.attention_backends) <= {"flash", "efficient"}
+
+
 @pytest.mark.parametrize("op, make_args", [
     ("upsample", lambda t: (torch.nn.functional.interpolate, (t(2, 3, 4, 4, dtype=torch.bfloat16),),
                             {"scale_factor": 2.0, "mode": "nearest"})),
@@ -170,9 +179,14 @@ def test_every_triton_kernel_has_a_cost_formula():
 
 @pytest.mark.parametrize("config", sorted(p.name for p in CONFIGS.glob("*.toml")
                                           if not p.stem.endswith(("_gpu", "_4070"))))
-def test_every_recipe_is_planned(config):
-    """Each method's CPU recipe: a step with forward, backward and optimizer, FLOPs and memory."""
+def test_every_recipe_is_planned(config, tmp_path):
+    """Each method's CPU recipe: a step with forward, backward and optimizer, FLOPs and memory (an image
+    folder recipe on a stand-in folder of two classes: the plan reads no image)."""
     cfg = load_config(CONFIGS / config, ["--train.batch_size=2", "--sample.every=0"])
+    if cfg.data.source.startswith("folder:"):
+        for name in ("airplane", "bird"):
+            (tmp_path / name).mkdir()
+        cfg.data.source = f"folder:{tmp_path}"
     trace = trace_step(cfg)
     cost = roofline(trace, RTX4070)
     assert {"forward", "backward", "optimizer"} <= set(cost.phases)

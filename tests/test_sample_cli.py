@@ -47,3 +47,9 @@ def test_impossible_sampler_arguments_are_refused(ddpm_run, tmp_path, bad, capsy
         sample_main(["--checkpoint", str(ddpm_run), "--out", str(tmp_path / "x.png"), *bad])
     assert exit_info.value.code == 2 and "must be >=" in capsys.readouterr().err
     assert not (tmp_path / "x.png").exists()
+
+
+def test_an_autoencoder_for_a_run_on_pictures_is_a_usage_error(ddpm_run, tmp_path, capsys):
+    out = tmp_path / "x.png"
+    assert sample_main(["--checkpoint", str(ddpm_run), "--out", str(out), "--autoencoder", str(tmp_path)]) == 2
+    assert "trained on pictures, not latents" in capsys.readouterr().err and not out.exists()

@@ -1,16 +1,22 @@
 """engine-sample: a PNG or JPEG grid of samples from a trained generative run (EMA weights by default).
 
     engine-sample --checkpoint RUN [--sampler NAME] [--steps N] [--eta 0] [--cfg 1.0]
-                  [--labels brick,grass] [--n 16] [--seed 0] [--device auto] --out samples.png
+                  [--labels brick,grass | --prompt TEXT ...] [--n 16] [--seed 0] [--device auto]
+                  [--autoencoder AE] --out samples.png
 
 Runs of ddpm, fm (flow matching), fmm (flow map matching) and score_flow. Each method has its own
 samplers (SAMPLERS_OF); --sampler and --steps default to the ones the run's sample grids used
-(its [ddpm] / [fm] / [fmm] / [score_flow] section). --eta is DDIM's alone.
+(its [ddpm] / [fm] / [fmm] / [score_flow] section). --eta is DDIM's alone. A run trained on
+latents samples latents and writes them decoded by the autoencoder its config records (or
+--autoencoder): pictures, never latent channels; without an autoencoder it is an error. A
+text-conditioned run takes --labels (rows of its prompt table, by class) or --prompt (new text,
+embedded by the encoder the table was made with; the samples cycle over the prompts).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
 
@@ -26,7 +32,9 @@ from engine.commands import (
     run_command,
 )
 from engine.data.base import class_ids
-from engine.methods import ddpm, flow_map_matching, flow_matching, score_flow
+from engine.methods import ddpm, flow_map_matching, flow_matching, method_class, score_flow
+from engine.methods.generation import to_pictures
+from engine.methods.sections import typed_prompts
 from engine.pictures import save_grid
 from engine.runs import load_run
 
@@ -52,10 +60,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--eta", type=non_negative_float, help="DDIM eta (0 = deterministic, the default)")
     parser.add_argument("--cfg", type=finite_float, default=1.0, help="classifier-free guidance scale")
     parser.add_argument("--labels", help="comma-separated class ids or names (default: cycle over classes)")
+    parser.add_argument("--prompt", action="append", help="text-conditioned runs: a prompt to sample (repeat for "
+                        "several; embedded by the run's text encoder)")
     parser.add_argument("--nrow", type=at_least(0), default=0, help="images per grid row (default: ~sqrt(n))")
     parser.add_argument("--seed", type=int, default=0)
     add_device_argument(parser)
     parser.add_argument("--raw-weights", action="store_true", help="use the raw weights instead of the EMA")
+    parser.add_argument("--autoencoder", help="runs trained on latents: decode with this autoencoder (run "
+                        "directory, checkpoint or local diffusers folder) instead of the one the run recorded")
     return parser
 
 
@@ -87,17 +99,29 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
     def body() -> None:
-        run = load_run(args.checkpoint, args.device, ema=not args.raw_weights, methods=SAMPLING_METHODS,
-                       hint=" (LGT runs: engine-transfer; autoencoders: engine-encode)")
+        run = load_run(args.checkpoint, args.device, ema=not args.raw_weights, autoencoder=args.autoencoder,
+                       methods=SAMPLING_METHODS, hint=" (LGT runs: engine-transfer; autoencoders: engine-encode)")
         method, device = run.method, run.device
         settings = sampler_settings(args, run)
-        labels = labels_for(args.labels, run.data_info.class_names, args.n)
+        on_latents = method_class(run.config.method.name).trains_on_latents(run.config)
+        if on_latents:
+            method.attached_autoencoder()  # a missing autoencoder fails before any sampling
+        elif args.autoencoder:
+            raise UsageError(f"--autoencoder: {args.checkpoint} was trained on pictures, not latents: it decodes nothing")
+        if args.prompt and args.labels:
+            raise UsageError("--prompt and --labels both choose what to draw: give one of them")
+        if args.prompt:
+            labels = [i % len(args.prompt) for i in range(args.n)]
+        else:
+            labels = labels_for(args.labels, run.data_info.class_names, args.n)
         generator = torch.Generator(device).manual_seed(args.seed)
-        images = method.sample(args.n, generator,
-                               labels=None if labels is None else torch.tensor(labels, device=device),
-                               cfg_scale=args.cfg, progress=True, **settings)
+        with typed_prompts(method, args.prompt) if args.prompt else contextlib.nullcontext():
+            samples = method.sample(args.n, generator,
+                                    labels=None if labels is None else torch.tensor(labels, device=device),
+                                    cfg_scale=args.cfg, progress=True, **settings)
+        pictures = to_pictures(method, samples, on_latents, strict=True)
         nrow = args.nrow or max(1, round(args.n ** 0.5))
-        save_grid(images.clamp(-1, 1).float().cpu(), Path(args.out), nrow)
+        save_grid(pictures.float().cpu(), Path(args.out), nrow)
         print(f"wrote {args.out} ({args.n} samples, {settings['sampler']} x {settings['steps']}, step {run.step} "
               f"of {args.checkpoint})")
 

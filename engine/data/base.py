@@ -108,10 +108,12 @@ def class_ids(text: str, class_names: list[str], option: str) -> list[int]:
 @dataclass
 class DataInfo:
     """What a method needs to know about its data when no data is loaded (e.g. sampling from a
-    checkpoint): the shape of one sample and the class names. Saved in every checkpoint."""
+    checkpoint): the shape of one sample, the class names and, for text conditioning, what the prompt
+    table looks like (its values are in the weights). Saved in every checkpoint."""
 
     sample_shape: tuple[int, int, int]
     class_names: list[str]
+    text: dict | None = None  # the prompt table's {"shape", "prompts", "encoder"} under text conditioning
 
     def batches(self, start: int, batch_size: int) -> Iterator[Batch]:
         raise RuntimeError("no data is loaded here: this run was opened from a checkpoint for sampling")

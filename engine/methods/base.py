@@ -61,7 +61,7 @@ class LazyAutoencoder:
             except FileNotFoundError as err:
                 self._failure = FileNotFoundError(
                     f"the autoencoder that made these latents is missing ({err}); pass its run directory with "
-                    f"--autoencoder (engine-transfer) or set data.autoencoder")
+                    f"--autoencoder (engine-sample, engine-transfer) or set data.autoencoder")
                 raise self._failure from err
             except (ValueError, ImportError, OSError, RuntimeError) as err:
                 self._failure = err
@@ -73,14 +73,18 @@ class Method(nn.Module):
     name: ClassVar[str]
     # Config sections this method reads beyond the shared ones: {"ddpm": DDPMConfig, ...}.
     config_sections: ClassVar[dict[str, type]] = {}
-    # True when the method trains on latents: the preparation stage turns built-in images into
-    # latents for it, and the loop gives it the autoencoder that decodes them for pictures.
-    trains_on_latents: ClassVar[bool] = False
 
     def __init__(self):
         super().__init__()
         self._autoencoder = NotOwned(None)
         self._warned_undecodable = False
+
+    @classmethod
+    def trains_on_latents(cls, cfg) -> bool:
+        """Whether this method, so configured, trains on latents: the preparation stage then turns
+        built-in images into latents for it, and the loop and load_run give it the autoencoder that
+        decodes them for pictures. False by default."""
+        return False
 
     @classmethod
     def validate_config(cls, cfg, check) -> None:

@@ -7,7 +7,8 @@ trains the unconditional model classifier-free guidance needs:
     guided = out(x_t, t, NULL) + cfg_scale * (out(x_t, t, label) - out(x_t, t, NULL)).
 
 Sampling: every model output is turned into (x0_hat, eps_hat), x0_hat optionally clamped to
-[-1, 1] (eps_hat re-derived from the clamped x0_hat, as ADM does). DDPM steps through all T
+[-1, 1] (eps_hat re-derived from the clamped x0_hat, as ADM does): by default on pixels only, never
+on latents, whose range is not [-1, 1] (clamping them would flatten the samples' extremes). DDPM steps through all T
 timesteps with the posterior q(x_{t-1} | x_t, x0_hat); its last step is the posterior mean with no
 noise. DDIM steps through `steps` evenly spread timesteps with
     x_prev = sqrt(ab_prev) x0_hat + sqrt(1 - ab_prev - sigma^2) eps_hat + sigma z,
@@ -15,11 +16,13 @@ noise. DDIM steps through `steps` evenly spread timesteps with
 and its last step uses ab_prev = 1, so it returns x0_hat. Hand-written DDPMs often get three things
 wrong, pinned by tests/test_ddpm.py: .sqrt() of buffers that already hold square roots, the
 network fed x0 instead of x_t, and noise added on the last step.
+
+On latents (engine/methods/generation.py: `data.source = "latents:PATH"` or `ddpm.latent = true`)
+the same maths runs on the autoencoder's scaled latents, and the grids decode them to pictures.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -30,6 +33,16 @@ from tqdm.auto import tqdm
 
 from engine.data.base import Batch
 from engine.methods.base import LossOutput, Method
+from engine.methods.generation import (
+    check_labels,
+    check_latent_config,
+    grid_layout,
+    grid_noise,
+    latent_scaling,
+    noise,
+    to_pictures,
+    uses_latents,
+)
 from engine.methods.schedules import (
     NoiseSchedule,
     eps_from_v,
@@ -40,7 +53,13 @@ from engine.methods.schedules import (
     v_from_eps_x0,
     x0_from_v,
 )
-from engine.methods.sections import ModelConfig, class_conditional_network
+from engine.methods.sections import (
+    AutoencoderConfig,
+    ModelConfig,
+    PrepareConfig,
+    TextConfig,
+    class_conditional_network,
+)
 from engine.models.unet import UNet
 from engine.options import option
 
@@ -58,11 +77,15 @@ class DDPMConfig:
     prediction: str = option("eps", "what the network predicts", PREDICTIONS)
     loss: str = option("mse", "regression loss on the prediction", LOSSES)
     label_drop_prob: float = option(0.1, "probability a label is replaced by the null class (CFG training)")
-    clip_denoised: bool = option(True, "clamp the predicted x0 to [-1, 1] while sampling")
+    clip_denoised: bool | str = option("auto", "clamp the predicted x0 to [-1, 1] while sampling (auto = on "
+                                       "pixels, never on latents: their range is not [-1, 1])",
+                                       ("auto", True, False))
     sampler: str = option("ddim", "sampler of the training sample grids", SAMPLERS)
     sample_steps: int = option(50, "sampler steps of the grids (DDIM); DDPM always uses every timestep")
     eta: float = option(0.0, "DDIM eta of the grids: 0 = deterministic, 1 = DDPM's variance")
     cfg_scale: float = option(1.0, "classifier-free guidance scale of the grids (1 = conditional only)")
+    latent: bool = option(False, "train on autoencoder latents of builtin:textures (made by [autoencoder] and "
+                          "[prepare]); a 'latents:PATH' data.source always trains on latents")
 
     def validate(self, check):
         check(self.timesteps >= 2, "timesteps", "must be >= 2")
@@ -80,34 +103,19 @@ def ddim_timesteps(num_timesteps: int, steps: int) -> list[int]:
     return [round((num_timesteps - 1) * (steps - 1 - i) / (steps - 1)) for i in range(steps)]
 
 
-def grid_layout(num: int, num_classes: int) -> tuple[torch.Tensor | None, int]:
-    """Labels for a sample grid of `num` images and the images per row.
-
-    Few classes (2 <= K, K^2 <= num): one row per class. More classes, up to num: labels cycle
-    over the classes in rows of K, so each column is one class. Beyond that labels cycle in a
-    square-ish grid; no classes: unconditional.
-    """
-    square_row = math.ceil(math.sqrt(num))
-    if num_classes == 0:
-        return None, square_row
-    cycling = torch.arange(num) % num_classes
-    if num_classes == 1 or num_classes > num:
-        return cycling, square_row
-    if num_classes**2 <= num:
-        per_row = math.ceil(num / num_classes)
-        return torch.arange(num) // per_row, per_row
-    return cycling, num_classes
-
-
 class DDPM(Method):
     """`model(x_t [B, C, H, W], t [B] float, labels [B] long or None) -> [B, C, H, W]` is the
-    network (a UNet); labels index classes 0..num_classes-1 and num_classes is the NULL class."""
+    network (a UNet); labels index classes 0..num_classes-1 and num_classes is the NULL class.
+    `latent_scaling`: None on pixels; on latents, the factor they were multiplied by (see
+    generation.latent_scaling)."""
 
     name = "ddpm"
-    config_sections: ClassVar[dict[str, type]] = {"model": ModelConfig, "ddpm": DDPMConfig}
+    config_sections: ClassVar[dict[str, type]] = {"model": ModelConfig, "ddpm": DDPMConfig,
+                                                  "autoencoder": AutoencoderConfig, "prepare": PrepareConfig,
+                                                  "text": TextConfig}
 
     def __init__(self, model: nn.Module, sample_shape: tuple[int, int, int], num_classes: int,
-                 ddpm: DDPMConfig, grid_size: int = 16):
+                 ddpm: DDPMConfig, grid_size: int = 16, latent_scaling: float | None = None):
         super().__init__()
         if ddpm.prediction not in PREDICTIONS:
             raise ValueError(f"ddpm.prediction={ddpm.prediction!r} is not one of {PREDICTIONS}")
@@ -119,15 +127,28 @@ class DDPM(Method):
         self.prediction = ddpm.prediction
         self.loss_kind = ddpm.loss
         self.label_drop_prob = ddpm.label_drop_prob
-        self.clip_denoised = ddpm.clip_denoised
+        self.latent = latent_scaling is not None
+        # A buffer, so a checkpoint decodes with the factor its latents were made with; pixel runs keep
+        # it out of their checkpoints.
+        self.register_buffer("scaling_factor", torch.tensor(float(latent_scaling or 0.0)), persistent=self.latent)
+        self.clip_denoised = not self.latent if ddpm.clip_denoised == "auto" else ddpm.clip_denoised
         self.grid_settings = ddpm  # sampler, sample_steps, eta, cfg_scale of the sample grids
         self.grid_size = grid_size
         self.schedule = NoiseSchedule(make_betas(ddpm.schedule, ddpm.timesteps, ddpm.beta_start, ddpm.beta_end))
 
     @classmethod
+    def trains_on_latents(cls, cfg) -> bool:
+        return uses_latents(cfg, "ddpm")
+
+    @classmethod
+    def validate_config(cls, cfg, check) -> None:
+        check_latent_config(cfg, "ddpm", check)
+
+    @classmethod
     def from_config(cls, cfg, data) -> DDPM:
-        model, num_classes = class_conditional_network(UNet, cfg.model, data)
-        return cls(model, data.sample_shape, num_classes, cfg.ddpm, cfg.sample.num)
+        model, num_classes = class_conditional_network(UNet, cfg.model, data, cfg.text)
+        return cls(model, data.sample_shape, num_classes, cfg.ddpm, cfg.sample.num,
+                   latent_scaling(data, cls.trains_on_latents(cfg)))
 
     @property
     def null_label(self) -> int:
@@ -215,7 +236,7 @@ class DDPM(Method):
         if t == 0:
             return mean  # Algorithm 2's z = 0: the last step adds no noise
         std = (0.5 * self.schedule.posterior_log_variance_clipped[t]).exp()
-        return mean + std * _noise(x_t.shape, generator, x_t.device)
+        return mean + std * noise(x_t.shape, generator, x_t.device)
 
     def ddim_sigma(self, t: int, t_prev: int, eta: float) -> torch.Tensor:
         """DDIM's noise scale from t to t_prev (t_prev = -1: the final step to x0), 0-d float32.
@@ -241,17 +262,18 @@ class DDPM(Method):
         direction = (one_minus_ab_prev - sigma**2).clamp(min=0).sqrt()  # eta > 1 could go negative
         x_prev = self.schedule.sqrt_alphas_cumprod[t_prev] * x0 + direction * eps
         if eta > 0:
-            x_prev = x_prev + sigma * _noise(x_t.shape, generator, x_t.device)
+            x_prev = x_prev + sigma * noise(x_t.shape, generator, x_t.device)
         return x_prev
 
     @torch.no_grad()
     def sample(self, n: int, generator: torch.Generator, labels: torch.Tensor | None = None,
                sampler: str = "ddim", steps: int = 50, eta: float = 0.0, cfg_scale: float = 1.0,
                progress: bool = False) -> torch.Tensor:
-        """n samples [n, C, H, W] from pure noise. Every random draw (the initial noise included)
-        comes from `generator`, so a generator seeded the same way gives the same images."""
+        """n samples [n, C, H, W] from pure noise (latents when the method trains on latents:
+        generation.to_pictures decodes them). Every random draw (the initial noise included) comes
+        from `generator`, so a generator seeded the same way gives the same samples."""
         device = self.schedule.betas.device
-        x_T = _noise((n, *self.sample_shape), generator, device)
+        x_T = noise((n, *self.sample_shape), generator, device)
         return self.run_sampler(x_T, generator, labels, sampler, steps, eta, cfg_scale, progress)
 
     @torch.no_grad()
@@ -261,7 +283,7 @@ class DDPM(Method):
         """Denoise x_T [n, C, H, W] (noise at timestep T-1) down to x_0 with `sampler`."""
         if sampler not in SAMPLERS:
             raise ValueError(f"sampler={sampler!r} is not one of {SAMPLERS}")
-        labels = self._check_labels(labels, x_T.shape[0], x_T.device)
+        labels = check_labels(labels, x_T.shape[0], self.num_classes, x_T.device)
         if sampler == "ddpm":
             transitions = [(t, t - 1) for t in reversed(range(self.num_timesteps))]
         else:
@@ -282,26 +304,11 @@ class DDPM(Method):
 
     @torch.no_grad()
     def sample_grid(self, batch: Batch, generator: torch.Generator) -> tuple[torch.Tensor, int]:
-        """sample.num images from noise with the grid settings of [ddpm]; `batch` is not needed."""
+        """sample.num pictures from noise (generation.grid_noise) with the grid settings of [ddpm],
+        decoded when on latents; `batch` is not needed."""
         grid = self.grid_settings
         labels, nrow = grid_layout(self.grid_size, self.num_classes)
-        images = self.sample(self.grid_size, generator, labels=labels, sampler=grid.sampler,
-                             steps=grid.sample_steps, eta=grid.eta, cfg_scale=grid.cfg_scale)
-        return images.clamp(-1, 1), nrow
-
-    def _check_labels(self, labels: torch.Tensor | None, n: int, device: torch.device) -> torch.Tensor | None:
-        if labels is None:
-            return None
-        if self.num_classes == 0:
-            raise ValueError("this model was trained without classes; sample with labels=None")
-        if labels.shape != (n,):
-            raise ValueError(f"labels must have shape [{n}] (one per sample), got {tuple(labels.shape)}")
-        if labels.min() < 0 or labels.max() > self.num_classes:
-            raise ValueError(f"labels must be in [0, {self.num_classes}] ({self.num_classes} = unconditional), "
-                             f"got values in [{int(labels.min())}, {int(labels.max())}]")
-        return labels.to(device=device, dtype=torch.long)
-
-
-def _noise(shape: tuple[int, ...], generator: torch.Generator, device: torch.device) -> torch.Tensor:
-    # Drawn on the generator's device and then moved, so a CPU generator also drives CUDA sampling.
-    return torch.randn(shape, generator=generator, device=generator.device).to(device)
+        x_T = grid_noise(labels, (self.grid_size, *self.sample_shape), generator, self.schedule.betas.device)
+        samples = self.run_sampler(x_T, generator, labels=labels, sampler=grid.sampler, steps=grid.sample_steps,
+                                   eta=grid.eta, cfg_scale=grid.cfg_scale)
+        return to_pictures(self, samples, self.latent), nrow

@@ -36,6 +36,9 @@ calls, with classifier-free guidance applied to v inside each map.
 
 overfit_one_batch trains on the first batch, with the same noise and time pairs every step: a fixed
 regression problem whose loss must approach zero (a debugging mode; anything else means a bug).
+
+On latents (engine/methods/generation.py: `data.source = "latents:PATH"` or `fmm.latent = true`)
+the maps carry noise to the autoencoder's scaled latents; the grids decode them.
 """
 
 from __future__ import annotations
@@ -53,9 +56,25 @@ from tqdm.auto import tqdm
 import kernels
 from engine.data.base import Batch
 from engine.methods.base import LossOutput, Method
-from engine.methods.ddpm import grid_layout
-from engine.methods.generation import check_labels, evaluate_samples, guided, noise
-from engine.methods.sections import ModelConfig, class_conditional_network
+from engine.methods.generation import (
+    check_labels,
+    check_latent_config,
+    evaluate_samples,
+    grid_layout,
+    grid_noise,
+    guided,
+    latent_scaling,
+    noise,
+    to_pictures,
+    uses_latents,
+)
+from engine.methods.sections import (
+    AutoencoderConfig,
+    ModelConfig,
+    PrepareConfig,
+    TextConfig,
+    class_conditional_network,
+)
 from engine.models.dual_time_unet import DualTimeUNet
 from engine.options import option
 
@@ -75,6 +94,8 @@ class FlowMapConfig:
                                      "the loss must approach zero")
     sample_steps: int = option(8, "maps composed by the sample grids (network calls)")
     cfg_scale: float = option(1.0, "classifier-free guidance scale of the grids (1 = conditional only)")
+    latent: bool = option(False, "train on autoencoder latents of builtin:textures (made by [autoencoder] and "
+                          "[prepare]); a 'latents:PATH' data.source always trains on latents")
 
     def validate(self, check):
         check(self.reconstruction_weight >= 0, "reconstruction_weight", "must be >= 0")
@@ -101,6 +122,7 @@ class FirstBatchForever:
         self.source = source
         self.sample_shape, self.class_names = source.sample_shape, source.class_names
         self.heldout = getattr(source, "heldout", None)
+        self.scaling_factor = getattr(source, "scaling_factor", None)  # latents: what they are scaled by
 
     def batches(self, start: int, batch_size: int):
         return repeat(next(iter(self.source.batches(0, batch_size))))
@@ -108,14 +130,17 @@ class FirstBatchForever:
 
 class FlowMapMatching(Method):
     """`model(x [B, C, H, W], s [B], t [B], labels [B] or None) -> v [B, C, H, W]` (a DualTimeUNet,
-    times already scaled by TIME_SCALE); num_classes is the NULL label."""
+    times already scaled by TIME_SCALE); num_classes is the NULL label. `latent_scaling`: None on
+    pixels; on latents, the factor they were multiplied by (see generation.latent_scaling)."""
 
     name = "fmm"
-    config_sections: ClassVar[dict[str, type]] = {"model": ModelConfig, "fmm": FlowMapConfig}
+    config_sections: ClassVar[dict[str, type]] = {"model": ModelConfig, "fmm": FlowMapConfig,
+                                                  "autoencoder": AutoencoderConfig, "prepare": PrepareConfig,
+                                                  "text": TextConfig}
     samplers: ClassVar[tuple[str, ...]] = SAMPLERS
 
     def __init__(self, model: DualTimeUNet, sample_shape: tuple[int, int, int], num_classes: int,
-                 fmm: FlowMapConfig, grid_size: int = 16, grad_accum: int = 1):
+                 fmm: FlowMapConfig, grid_size: int = 16, grad_accum: int = 1, latent_scaling: float | None = None):
         super().__init__()
         self.model = model
         self.sample_shape = tuple(sample_shape)
@@ -125,11 +150,20 @@ class FlowMapMatching(Method):
         self.grad_accum = grad_accum
         # Training micro-batches seen: the curriculum's clock (optimizer step = this // grad_accum).
         self.register_buffer("micro_batches", torch.zeros((), dtype=torch.long))
+        self.latent = latent_scaling is not None
+        # A buffer, so a checkpoint decodes with the factor its latents were made with; pixel runs keep
+        # it out of their checkpoints.
+        self.register_buffer("scaling_factor", torch.tensor(float(latent_scaling or 0.0)), persistent=self.latent)
+
+    @classmethod
+    def trains_on_latents(cls, cfg) -> bool:
+        return uses_latents(cfg, "fmm")
 
     @classmethod
     def validate_config(cls, cfg, check) -> None:
         check(not cfg.model.checkpoint, "model.checkpoint",
               "must be false for fmm: torch.func.vmap cannot run through checkpointed U-Net blocks")
+        check_latent_config(cfg, "fmm", check)
 
     @classmethod
     def graph_capture_problem(cls, cfg) -> str | None:
@@ -144,8 +178,9 @@ class FlowMapMatching(Method):
 
     @classmethod
     def from_config(cls, cfg, data) -> FlowMapMatching:
-        model, num_classes = class_conditional_network(DualTimeUNet, cfg.model, data)
-        return cls(model, data.sample_shape, num_classes, cfg.fmm, cfg.sample.num, cfg.train.grad_accum)
+        model, num_classes = class_conditional_network(DualTimeUNet, cfg.model, data, cfg.text)
+        return cls(model, data.sample_shape, num_classes, cfg.fmm, cfg.sample.num, cfg.train.grad_accum,
+                   latent_scaling(data, cls.trains_on_latents(cfg)))
 
     @property
     def null_label(self) -> int:
@@ -235,18 +270,26 @@ class FlowMapMatching(Method):
     def sample(self, n: int, generator: torch.Generator, labels: torch.Tensor | None = None,
                sampler: str = "compose", steps: int = 8, cfg_scale: float = 1.0, progress: bool = False
                ) -> torch.Tensor:
-        """n samples [n, C, H, W]: noise carried to t = 1 by `steps` composed maps."""
+        """n samples [n, C, H, W]: noise carried to t = 1 by `steps` composed maps (latents when the
+        method trains on latents: generation.to_pictures decodes them)."""
         if sampler not in SAMPLERS:
             raise ValueError(f"sampler={sampler!r} is not one of {SAMPLERS}")
+        x = noise((n, *self.sample_shape), generator, self.device)
+        return self.run_sampler(x, labels, steps, cfg_scale, progress)
+
+    @torch.no_grad()
+    def run_sampler(self, x: torch.Tensor, labels: torch.Tensor | None = None, steps: int = 8,
+                    cfg_scale: float = 1.0, progress: bool = False) -> torch.Tensor:
+        """Carry noise x [n, C, H, W] at t = 0 to samples at t = 1 by `steps` composed maps."""
         if steps < 1:
             raise ValueError(f"steps must be >= 1, got {steps}")
+        n = x.shape[0]
         labels = check_labels(labels, n, self.num_classes, self.device)
-        x = noise((n, *self.sample_shape), generator, self.device)
         times = torch.linspace(0, 1, steps + 1, device=self.device)
         was_training = self.training
         self.eval()
         try:
-            for i in tqdm(range(steps), desc=sampler, disable=not progress):
+            for i in tqdm(range(steps), desc="compose", disable=not progress):
                 x = self.flow_map(x, times[i].expand(n), times[i + 1].expand(n), labels, cfg_scale)
         finally:
             self.train(was_training)
@@ -254,19 +297,21 @@ class FlowMapMatching(Method):
 
     @torch.no_grad()
     def sample_grid(self, batch: Batch, generator: torch.Generator) -> tuple[torch.Tensor, int]:
-        """sample.num images from noise with the grid settings of [fmm]; `batch` is not needed."""
+        """sample.num pictures from noise (generation.grid_noise) with the grid settings of [fmm],
+        decoded when on latents; `batch` is not needed."""
         labels, nrow = grid_layout(self.grid_size, self.num_classes)
-        images = self.sample(self.grid_size, generator, labels=labels, steps=self.settings.sample_steps,
-                             cfg_scale=self.settings.cfg_scale)
-        return images.clamp(-1, 1), nrow
+        x = grid_noise(labels, (self.grid_size, *self.sample_shape), generator, self.device)
+        samples = self.run_sampler(x, labels, self.settings.sample_steps, self.settings.cfg_scale)
+        return to_pictures(self, samples, self.latent), nrow
 
     @torch.no_grad()
     def evaluate(self, data, per_class: int) -> dict[str, float]:
-        """Sample quality (engine.methods.generation) with the grids' steps and guidance."""
+        """Sample quality (engine.methods.generation) with the grids' steps and guidance; on
+        latents, of the latents."""
         def draw(n, generator, labels):
             return self.sample(n, generator, labels, steps=self.settings.sample_steps,
                                cfg_scale=self.settings.cfg_scale)
-        return evaluate_samples(draw, data, per_class, self.num_classes, self.device)
+        return evaluate_samples(draw, data, per_class, self.num_classes, self.device, clamp=not self.latent)
 
 
 def _rows(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

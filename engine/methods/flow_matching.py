@@ -16,6 +16,9 @@ Sampling integrates dx/dt = v from t = 0 to 1: euler, midpoint or heun with `ste
 (1, 2, 2 network calls per step), or dopri5, the adaptive Dormand-Prince 5(4) pair: the first
 step is 1/steps, then each step is resized so the local error estimate stays within rtol/atol
 (one step size for the whole batch; rejected steps are retried smaller).
+
+On latents (engine/methods/generation.py: `data.source = "latents:PATH"` or `fm.latent = true`)
+the same path runs between noise and the autoencoder's scaled latents; the grids decode them.
 """
 
 from __future__ import annotations
@@ -30,10 +33,26 @@ from tqdm.auto import tqdm
 
 from engine.data.base import Batch
 from engine.methods.base import LossOutput, Method
-from engine.methods.ddpm import grid_layout
-from engine.methods.generation import check_labels, evaluate_samples, guided, noise
+from engine.methods.generation import (
+    check_labels,
+    check_latent_config,
+    evaluate_samples,
+    grid_layout,
+    grid_noise,
+    guided,
+    latent_scaling,
+    noise,
+    to_pictures,
+    uses_latents,
+)
 from engine.methods.ode import SOLVERS, Tableau, rk_step
-from engine.methods.sections import ModelConfig, class_conditional_network
+from engine.methods.sections import (
+    AutoencoderConfig,
+    ModelConfig,
+    PrepareConfig,
+    TextConfig,
+    class_conditional_network,
+)
 from engine.models.unet import UNet
 from engine.options import option
 
@@ -67,6 +86,8 @@ class FlowMatchingConfig:
     rtol: float = option(1e-3, "dopri5: relative tolerance of the local error")
     atol: float = option(1e-3, "dopri5: absolute tolerance of the local error")
     cfg_scale: float = option(1.0, "classifier-free guidance scale of the grids (1 = conditional only)")
+    latent: bool = option(False, "train on autoencoder latents of builtin:textures (made by [autoencoder] and "
+                          "[prepare]); a 'latents:PATH' data.source always trains on latents")
 
     def validate(self, check):
         check(0 <= self.sigma_min < 1, "sigma_min", "must be in [0, 1)")
@@ -129,25 +150,41 @@ def dopri5(field, x: torch.Tensor, first_step: float, rtol: float, atol: float, 
 
 class FlowMatching(Method):
     """`model(x_t [B, C, H, W], t [B] float, labels [B] or None) -> velocity [B, C, H, W]` (a UNet);
-    labels index classes 0..num_classes-1 and num_classes is the NULL class."""
+    labels index classes 0..num_classes-1 and num_classes is the NULL class. `latent_scaling`: None
+    on pixels; on latents, the factor they were multiplied by (see generation.latent_scaling)."""
 
     name = "fm"
-    config_sections: ClassVar[dict[str, type]] = {"model": ModelConfig, "fm": FlowMatchingConfig}
+    config_sections: ClassVar[dict[str, type]] = {"model": ModelConfig, "fm": FlowMatchingConfig,
+                                                  "autoencoder": AutoencoderConfig, "prepare": PrepareConfig,
+                                                  "text": TextConfig}
     samplers: ClassVar[tuple[str, ...]] = SAMPLERS
 
     def __init__(self, model: nn.Module, sample_shape: tuple[int, int, int], num_classes: int,
-                 fm: FlowMatchingConfig, grid_size: int = 16):
+                 fm: FlowMatchingConfig, grid_size: int = 16, latent_scaling: float | None = None):
         super().__init__()
         self.model = model
         self.sample_shape = tuple(sample_shape)
         self.num_classes = num_classes
         self.settings = fm  # path, time sampling and the grids' sampler
         self.grid_size = grid_size
+        self.latent = latent_scaling is not None
+        # A buffer, so a checkpoint decodes with the factor its latents were made with; pixel runs keep
+        # it out of their checkpoints.
+        self.register_buffer("scaling_factor", torch.tensor(float(latent_scaling or 0.0)), persistent=self.latent)
+
+    @classmethod
+    def trains_on_latents(cls, cfg) -> bool:
+        return uses_latents(cfg, "fm")
+
+    @classmethod
+    def validate_config(cls, cfg, check) -> None:
+        check_latent_config(cfg, "fm", check)
 
     @classmethod
     def from_config(cls, cfg, data) -> FlowMatching:
-        model, num_classes = class_conditional_network(UNet, cfg.model, data)
-        return cls(model, data.sample_shape, num_classes, cfg.fm, cfg.sample.num)
+        model, num_classes = class_conditional_network(UNet, cfg.model, data, cfg.text)
+        return cls(model, data.sample_shape, num_classes, cfg.fm, cfg.sample.num,
+                   latent_scaling(data, cls.trains_on_latents(cfg)))
 
     @property
     def null_label(self) -> int:
@@ -194,9 +231,16 @@ class FlowMatching(Method):
     def sample(self, n: int, generator: torch.Generator, labels: torch.Tensor | None = None,
                sampler: str = "heun", steps: int = 50, cfg_scale: float = 1.0, progress: bool = False
                ) -> torch.Tensor:
-        """n samples [n, C, H, W] from noise; every random draw comes from `generator`."""
+        """n samples [n, C, H, W] from noise (latents when the method trains on latents:
+        generation.to_pictures decodes them); every random draw comes from `generator`."""
         x0 = noise((n, *self.sample_shape), generator, self.device)
-        labels = check_labels(labels, n, self.num_classes, self.device)
+        return self.run_sampler(x0, labels, sampler, steps, cfg_scale, progress)
+
+    @torch.no_grad()
+    def run_sampler(self, x0: torch.Tensor, labels: torch.Tensor | None = None, sampler: str = "heun",
+                    steps: int = 50, cfg_scale: float = 1.0, progress: bool = False) -> torch.Tensor:
+        """Carry noise x0 [n, C, H, W] at t = 0 to samples at t = 1 with `sampler`."""
+        labels = check_labels(labels, x0.shape[0], self.num_classes, self.device)
         was_training = self.training
         self.eval()  # the EMA copy the loop samples from is in train mode: no dropout while sampling
         try:
@@ -208,16 +252,19 @@ class FlowMatching(Method):
 
     @torch.no_grad()
     def sample_grid(self, batch: Batch, generator: torch.Generator) -> tuple[torch.Tensor, int]:
-        """sample.num images from noise with the grid settings of [fm]; `batch` is not needed."""
+        """sample.num pictures from noise (generation.grid_noise) with the grid settings of [fm],
+        decoded when on latents; `batch` is not needed."""
         labels, nrow = grid_layout(self.grid_size, self.num_classes)
-        images = self.sample(self.grid_size, generator, labels=labels, sampler=self.settings.sampler,
-                             steps=self.settings.sample_steps, cfg_scale=self.settings.cfg_scale)
-        return images.clamp(-1, 1), nrow
+        x0 = grid_noise(labels, (self.grid_size, *self.sample_shape), generator, self.device)
+        samples = self.run_sampler(x0, labels, self.settings.sampler, self.settings.sample_steps,
+                                   self.settings.cfg_scale)
+        return to_pictures(self, samples, self.latent), nrow
 
     @torch.no_grad()
     def evaluate(self, data, per_class: int) -> dict[str, float]:
-        """Sample quality (engine.methods.generation) with the grids' sampler, steps and guidance."""
+        """Sample quality (engine.methods.generation) with the grids' sampler, steps and guidance;
+        on latents, of the latents."""
         def draw(n, generator, labels):
             return self.sample(n, generator, labels, self.settings.sampler, self.settings.sample_steps,
                                self.settings.cfg_scale)
-        return evaluate_samples(draw, data, per_class, self.num_classes, self.device)
+        return evaluate_samples(draw, data, per_class, self.num_classes, self.device, clamp=not self.latent)

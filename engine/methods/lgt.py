@@ -162,7 +162,6 @@ class LGT(Method):
     name = "lgt"
     config_sections: ClassVar[dict[str, type]] = {"model": ModelConfig, "lgt": LGTConfig, "ode": ODEConfig, "swd": SWDConfig,
                        "ssm": SSMConfig, "autoencoder": AutoencoderConfig, "prepare": PrepareConfig}
-    trains_on_latents = True
 
     def __init__(self, unet: UNet, latent_shape: tuple[int, int, int], class_names: list[str], lgt_cfg,
                  ode_cfg, swd_cfg, ssm_cfg, data: LatentSource | None = None, scaling_factor: float = 0.0):
@@ -184,6 +183,10 @@ class LGT(Method):
         self.content_energy = SelfSimilarity(ssm_cfg.max_spatial_samples)
         self.register_buffer("scaling_factor", torch.tensor(float(scaling_factor)))
         self._data = NotOwned(data)
+
+    @classmethod
+    def trains_on_latents(cls, cfg) -> bool:
+        return True
 
     @classmethod
     def validate_config(cls, cfg, check) -> None:

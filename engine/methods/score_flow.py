@@ -41,8 +41,7 @@ from engine.data import build_data_source
 from engine.data.base import Batch, Stream, batch_seed
 from engine.data.digits import DIGITS_SHAPE, BuiltinDigits
 from engine.methods.base import LossOutput, Method
-from engine.methods.ddpm import grid_layout
-from engine.methods.generation import check_labels, evaluate_samples, guided, noise
+from engine.methods.generation import check_labels, evaluate_samples, grid_layout, grid_noise, guided, noise
 from engine.models.autoencoder import INITIAL_LOGVAR, LinearAutoencoder
 from engine.models.score_flow import ScoreFlowNetwork
 from engine.options import option
@@ -230,14 +229,23 @@ class ScoreFlow(Method):
                        sampler: str = "heun", steps: int = 32, cfg_scale: float = 1.0, progress: bool = False
                        ) -> torch.Tensor:
         """n latents [n, D, 1, 1] by the probability-flow ODE (see the module doc)."""
+        start = noise((n, self.settings.latent_dim), generator, self.device)
+        return self.run_sampler(start, labels, sampler, steps, cfg_scale, progress)
+
+    @torch.no_grad()
+    def run_sampler(self, start: torch.Tensor, labels: torch.Tensor | None = None, sampler: str = "heun",
+                    steps: int = 32, cfg_scale: float = 1.0, progress: bool = False) -> torch.Tensor:
+        """Latents [n, D, 1, 1] from N(0, I) noise start [n, D] (scaled to sigma_max here) by the
+        probability-flow ODE."""
         if sampler not in SAMPLERS:
             raise ValueError(f"sampler={sampler!r} is not one of {SAMPLERS}")
         if steps < 2:
             raise ValueError(f"steps must be >= 2, got {steps}")
         settings = self.settings
+        n = start.shape[0]
         labels = check_labels(labels, n, self.num_classes, self.device)
         sigmas = sigma_schedule(steps, settings.sigma_min, settings.sigma_max, settings.rho, self.device).tolist()
-        x = sigmas[0] * noise((n, settings.latent_dim), generator, self.device)
+        x = sigmas[0] * start
         for sigma, sigma_next in tqdm(list(itertools.pairwise(sigmas)), desc=sampler, disable=not progress):
             slope = (x - self.guided_denoiser(x, sigma, labels, cfg_scale)) / sigma  # dx/dsigma
             x_next = x + (sigma_next - sigma) * slope
@@ -256,11 +264,13 @@ class ScoreFlow(Method):
 
     @torch.no_grad()
     def sample_grid(self, batch: Batch, generator: torch.Generator) -> tuple[torch.Tensor, int]:
-        """sample.num decoded samples with the grid settings of [score_flow]; `batch` is not needed."""
+        """sample.num decoded samples from noise (generation.grid_noise) with the grid settings of
+        [score_flow]; `batch` is not needed."""
+        settings = self.settings
         labels, nrow = grid_layout(self.grid_size, self.num_classes)
-        images = self.sample(self.grid_size, generator, labels, self.settings.sampler, self.settings.sample_steps,
-                             self.settings.cfg_scale)
-        return images, nrow
+        start = grid_noise(labels, (self.grid_size, settings.latent_dim), generator, self.device)
+        latents = self.run_sampler(start, labels, settings.sampler, settings.sample_steps, settings.cfg_scale)
+        return self.decode(latents), nrow
 
     def evaluate(self, data, per_class: int) -> dict[str, float]:
         """Sample quality (engine.methods.generation) of decoded samples against held-out digits."""

@@ -1,6 +1,7 @@
 """Config sections that more than one method reads.
 
 [model]        the U-Net (DDPM's denoiser, LGT's velocity field)
+[text]         text conditioning of the generative U-Nets (ddpm, fm, fmm): prompts, their encoder
 [autoencoder]  the autoencoder: what method "autoencoder" trains, and what a method that trains
                on latents of built-in images trains first to make them
 [prepare]      how built-in images become latents for a method that trains on latents
@@ -8,7 +9,11 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
+
+import torch
 
 from engine.options import option
 
@@ -34,14 +39,81 @@ class ModelConfig:
         check(0 <= self.dropout < 1, "dropout", "must be in [0, 1)")
 
 
-def class_conditional_network(network_cls, model: ModelConfig, data):
+@dataclass
+class TextConfig:
+    encoder: str = option("", "text conditioning: '' = none (a learned row per class); 'wordllama' (the pip package "
+                          "wordllama's bundled weights: pip install -e '.[text]') or 'clip:DIR' (a local CLIP text "
+                          "model) embeds one prompt per class, which the U-Net reads through cross-attention")
+    template: str = option("a photo of {}", "each class's prompt; {} = the class name (underscores read as spaces)")
+    prompts: list[str] = option([], "one prompt per class, in class order (instead of template)")
+    table: str = option("", "a prompt table from engine-embed-text (instead of encoder, template and prompts)")
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.encoder or self.table)
+
+    def validate(self, check):
+        check(self.encoder in ("", "wordllama") or (self.encoder.startswith("clip:") and len(self.encoder) > 5),
+              "encoder", "must be '', 'wordllama' or 'clip:DIR'")
+        check("{}" in self.template, "template", "needs {} where the class name goes, e.g. 'a photo of {}'")
+
+
+def prompt_table_for(text: TextConfig | None, data):
+    """The prompt table (engine.text.PromptTable) a text-conditioned network is built from, or None.
+
+    Made before the network, so the network's context width comes from it: read from text.table, or
+    embedded now by text.encoder (one prompt per class of `data`, then ""). Opened from a checkpoint
+    (`data` a DataInfo recording the table), a table of the recorded shape whose values the
+    checkpoint's weights then fill: no encoder is needed to sample from a trained run."""
+    from engine import text as text_module  # the text encoders' imports only where text is used
+
+    if text is None or not text.enabled:
+        return None
+    recorded = getattr(data, "text", None)
+    if recorded is not None:
+        n, length, dim = recorded["shape"]
+        return text_module.PromptTable(torch.zeros(n, length, dim), torch.ones(n, length, dtype=torch.bool),
+                                       list(recorded["prompts"]), recorded["encoder"], list(data.class_names))
+    if text.table:
+        table = text_module.read_prompt_table(text.table)
+        if table.class_names != list(data.class_names):
+            raise ValueError(f"prompt table {text.table} was made for the classes {table.class_names}, but the data "
+                             f"has {list(data.class_names)}; make it again with engine-embed-text --classes "
+                             f"{','.join(data.class_names)}")
+        return table
+    encoder = text_module.load_text_encoder(text.encoder)
+    return text_module.build_prompt_table(list(data.class_names), encoder, text.template, text.prompts or None)
+
+
+@contextlib.contextmanager
+def typed_prompts(method: torch.nn.Module, prompts: list[str]) -> Iterator[None]:
+    """Inside the block, labels 0..len(prompts)-1 of `method`'s text-conditioned network read `prompts`
+    (new text, e.g. engine-sample --prompt), embedded by the encoder its table was made with (loaded
+    again and checked to be the same weights); the null row stays the "" prompt."""
+    from engine import text as text_module
+    from engine.models.unet import prompt_context_of
+
+    table = prompt_context_of(method)
+    if table is None:
+        raise ValueError("this run was trained without text conditioning ([text] encoder = ''): it takes class "
+                         "labels (--labels), not prompts")
+    if len(prompts) > table.null_label:
+        raise ValueError(f"{len(prompts)} prompts at once, but this model's table has {table.null_label} prompt "
+                         f"rows to stand in for; sample at most {table.null_label} prompts per call")
+    context, mask = text_module.load_table_encoder(table).encode(prompts)
+    with table.substituted(context.to(table.context.device), mask.to(table.mask.device)):
+        yield
+
+
+def class_conditional_network(network_cls, model: ModelConfig, data, text: TextConfig | None = None):
     """(`network_cls.from_config(model, ...)` for data's samples, the number of classes): as many
     channels out as in, one class per class name (the network adds the null class), image_size the
-    samples' height. The denoiser of ddpm, the velocity fields of fm, fmm and lgt."""
+    samples' height, and with [text] conditioning on, the prompt table (`prompt_table_for`). The
+    denoiser of ddpm, the velocity fields of fm, fmm and lgt."""
     channels, height, _ = data.sample_shape
     num_classes = len(data.class_names)
     network = network_cls.from_config(model, in_channels=channels, out_channels=channels, num_classes=num_classes,
-                                      image_size=height)
+                                      image_size=height, prompt_table=prompt_table_for(text, data))
     return network, num_classes
 
 

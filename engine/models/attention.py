@@ -1,5 +1,5 @@
-"""Self-attention over the positions of a feature map, shared by the U-Net's and the autoencoders'
-attention blocks.
+"""Attention over the positions of a feature map: self-attention (the U-Net's and the autoencoders'
+attention blocks) and cross-attention to a prompt context (the U-Net's text conditioning).
 
 Layout. SDPA's fused kernels (flash, memory-efficient, cuDNN) and xformers need stride 1 along the
 head dimension d of q, k and v. A channels-first [B, 3C, H, W] qkv gives d a stride of H*W, and
@@ -32,4 +32,23 @@ def spatial_attention(x: torch.Tensor, qkv: nn.Conv2d, proj: nn.Conv2d, num_head
     q, k, v = (t.transpose(1, 2) for t in tokens.unbind(2))  # [B, heads, L, d], stride 1 along d
     out = kernels.attention(q, k, v)  # [B, heads, L, d]
     out = out.transpose(1, 2).reshape(B, H, W, C).permute(0, 3, 1, 2)  # [B, C, H, W], channels_last
+    return proj(out)
+
+
+def cross_attention(x: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor, to_q: nn.Conv2d,
+                    to_kv: nn.Linear, proj: nn.Conv2d, num_heads: int) -> torch.Tensor:
+    """proj(multi-head attention from the H*W positions of x [B, C, H, W] (normalised) to the L tokens
+    of context [B, L, D]), only to tokens where context_mask [B, L] is True -> [B, C, H, W].
+
+    Queries come from the image (the 1x1 conv to_q, in channels_last as in `spatial_attention`),
+    keys and values from the context (to_kv maps D to 2C, ordered (k, v) x heads x d): all three
+    reach the kernel with stride 1 along d."""
+    B, C, H, W = x.shape
+    d = C // num_heads
+    x_last = x.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
+    q = to_q(x_last).permute(0, 2, 3, 1).reshape(B, H * W, num_heads, d).transpose(1, 2)  # [B, heads, HW, d]
+    kv = to_kv(context).reshape(B, context.shape[1], 2, num_heads, d)  # [B, L, 2, heads, d]
+    k, v = (t.transpose(1, 2) for t in kv.unbind(2))  # [B, heads, L, d]
+    out = kernels.attention(q, k, v, key_padding_mask=context_mask)
+    out = out.transpose(1, 2).reshape(B, H, W, C).permute(0, 3, 1, 2)
     return proj(out)

@@ -5,7 +5,7 @@ It is the engine's U-Net (engine/models/unet.py) unchanged except for its embedd
 travel through `UNet.forward` as one [B, 2] tensor (s, t), and `embed` adds a second sinusoidal
 MLP for s to the U-Net's own time embedding of t and the class row,
 
-    emb = time_embedding(t) + source_time_embedding(s) + class_embedding(label),
+    emb = time_embedding(t) + source_time_embedding(s) + class row (none under text conditioning),
 
 so the network has the U-Net's layers and parameter names plus `source_time_embedding.*`.
 Addition rather than concatenation keeps every ResBlock's FiLM projection as it is.
@@ -30,7 +30,7 @@ class DualTimeUNet(UNet):
             raise ValueError(f"DualTimeUNet expects times of shape [B, 2] (s, t), got {tuple(times.shape)}")
         s, t = times.unbind(1)
         return (self.time_embedding(t) + self.source_time_embedding(s)
-                + self.class_embedding(labels, times.shape[0], times.device))
+                + self.class_row(labels, times.shape[0], times.device))
 
     def forward(self, x: torch.Tensor, s: torch.Tensor, t: torch.Tensor,
                 labels: torch.Tensor | None = None) -> torch.Tensor:

@@ -36,6 +36,7 @@ from engine.data.base import Batch
 from engine.data.builtin import BUILTIN_PICTURES
 from engine.data.latents import AutoencoderIdentity, LatentFile
 from engine.methods import method_class
+from engine.methods.sections import prompt_table_for
 
 BUILTIN_LATENTS = "planned-builtin-latents"  # the data.source path a plan gives built-in latents
 SAFETENSORS_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
@@ -66,7 +67,7 @@ def latents_file_layout(path: str | Path) -> tuple[tuple[int, ...], torch.dtype,
 
 def builtin_latents(cfg: Config) -> bool:
     """Whether `cfg` trains on latents that preparation would make from builtin:textures."""
-    return method_class(cfg.method.name).trains_on_latents and cfg.data.source == "builtin:textures"
+    return method_class(cfg.method.name).trains_on_latents(cfg) and cfg.data.source == "builtin:textures"
 
 
 def planned_latents_layout(cfg: Config) -> tuple[tuple[int, ...], torch.dtype, list[str], float]:
@@ -166,4 +167,11 @@ def planned_training_data(cfg: Config, known: Known):
         resolved.data.source = f"latents:{BUILTIN_LATENTS}"
     with planned_sources(cfg, known):
         data = method_class(cfg.method.name).training_data(resolved, 0, 1, torch.device("cpu"))
+    text = getattr(cfg, "text", None)
+    if text is not None and text.enabled:
+        # The prompt table is embedded for real (milliseconds, real files), then recorded on the data
+        # as a checkpoint records it, so the planned network is built with a fake table of its shape.
+        with unset_fake_temporarily():
+            table = prompt_table_for(text, data)
+        data.text = {"shape": list(table.context.shape), "prompts": table.prompts, "encoder": table.encoder}
     return data, resolved

@@ -195,7 +195,7 @@ def _session(cfg: Config, data, device: torch.device, target: str, recorder: Ste
     method_cls = method_class(cfg.method.name)
     memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
     method = in_memory_format(method_cls.from_config(cfg, data), memory_format)
-    if method_cls.trains_on_latents:
+    if method_cls.trains_on_latents(cfg):
         method.attach_autoencoder(_planned_autoencoder(cfg, data, memory_format))
     with deepcopy_by_clone():
         ema = EMA(method, cfg.train.ema_decay, cfg.train.ema_warmup) if cfg.train.ema_decay > 0 else None
