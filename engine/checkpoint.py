@@ -119,10 +119,14 @@ class Checkpoint:
     path: Path
     step: int
 
+    def weights_file(self, ema: bool = False) -> Path:
+        """The weights file: ema.safetensors when `ema` and the run kept an EMA, else model.safetensors."""
+        if ema and (self.path / EMA_FILE).exists():
+            return self.path / EMA_FILE
+        return self.path / "model.safetensors"  # trained without EMA: the raw weights are what there is
+
     def model_state(self, ema: bool = False) -> dict[str, torch.Tensor]:
-        name = EMA_FILE if ema else "model.safetensors"
-        if ema and not (self.path / name).exists():
-            name = "model.safetensors"  # trained without EMA: the raw weights are what there is
+        name = self.weights_file(ema).name
         try:
             return load_file(self.path / name)
         except (SafetensorError, OSError) as err:
@@ -131,8 +135,7 @@ class Checkpoint:
     def load_into(self, module: torch.nn.Module, ema: bool = False) -> None:
         """module.load_state_dict of this checkpoint's (EMA) weights, strictly: every key and shape must
         match (CheckpointError naming the keys otherwise, see `load_weights`)."""
-        name = EMA_FILE if ema and (self.path / EMA_FILE).exists() else "model.safetensors"
-        load_weights(module, self.model_state(ema), str(self.path / name))
+        load_weights(module, self.model_state(ema), str(self.weights_file(ema)))
 
     def train_state(self) -> dict[str, Any]:
         try:
@@ -161,13 +164,17 @@ class Checkpoint:
         return info
 
 
+MAX_TEXT_RECORD_VALUES = 1 << 26  # a prompt table of 256 MB in fp32: far beyond any real one
+
+
 def _is_text_record(text: Any, num_classes: int) -> bool:
     """A data_info.json "text" entry as engine.models.unet.text_conditioning_record writes it."""
     if not isinstance(text, dict):
         return False
     shape, prompts = text.get("shape"), text.get("prompts")
     return (isinstance(shape, list) and len(shape) == 3
-            and all(isinstance(n, int) and not isinstance(n, bool) and 0 < n <= 1 << 20 for n in shape)
+            and all(isinstance(n, int) and not isinstance(n, bool) and 0 < n for n in shape)
+            and shape[0] * shape[1] * shape[2] <= MAX_TEXT_RECORD_VALUES
             and shape[0] == num_classes + 1 and isinstance(prompts, list) and len(prompts) == shape[0]
             and all(isinstance(p, str) for p in prompts) and isinstance(text.get("encoder"), str))
 

@@ -237,9 +237,10 @@ class PromptTable:
     def validate(self, where: str) -> None:
         """ValueError naming `where` unless the table is as the module doc says."""
         context, mask = self.context, self.mask
-        if context.dim() != 3 or context.dtype != torch.float32 or context.shape[0] < 2:
+        if context.dim() != 3 or context.dtype != torch.float32 or context.shape[0] < 2 or 0 in context.shape:
             raise ValueError(f"prompt table {where}: context must be float32 [N, L, D] with N >= 2 (a class "
-                             f"and the \"\" row), got {context.dtype} {tuple(context.shape)}; {RERUN_HINT}")
+                             f"and the \"\" row) and L, D >= 1, got {context.dtype} {tuple(context.shape)}; "
+                             f"{RERUN_HINT}")
         if mask.shape != context.shape[:2] or mask.dtype != torch.bool:
             raise ValueError(f"prompt table {where}: mask must be bool {tuple(context.shape[:2])} for context "
                              f"{tuple(context.shape)}, got {mask.dtype} {tuple(mask.shape)}; {RERUN_HINT}")
@@ -327,8 +328,9 @@ def read_prompt_table(path: str | Path) -> PromptTable:
     try:
         prompts, class_names = json.loads(metadata["prompts"]), json.loads(metadata["class_names"])
         table = PromptTable(context, mask, prompts, metadata["encoder"], class_names)
-    except (KeyError, ValueError) as err:
-        raise ValueError(f"prompt table {path}: metadata is missing or malformed ({err!r}); {RERUN_HINT}") from err
+    except (KeyError, ValueError, RecursionError) as err:  # RecursionError: absurdly nested JSON
+        raise ValueError(f"prompt table {path}: metadata is missing or malformed ({type(err).__name__}); "
+                         f"{RERUN_HINT}") from err
     if not (_is_str_list(prompts) and _is_str_list(class_names)):
         raise ValueError(f"prompt table {path}: metadata prompts and class_names must be JSON lists of "
                          f"strings; {RERUN_HINT}")

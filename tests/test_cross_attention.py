@@ -129,7 +129,8 @@ def test_text_unet_is_built_from_the_table(seed):
     assert unet.context_dim == 12 and unet.num_classes == 2 and unet.null_label == 2
     assert unet.class_embedding is None  # conditioning goes through cross-attention only
     attention_blocks = sum(type(m).__name__ == "AttentionBlock" for m in unet.modules())
-    assert unet.num_cross_attention == attention_blocks == 4  # after every self-attention block
+    cross_attention_blocks = sum(isinstance(m, CrossAttentionBlock) for m in unet.modules())
+    assert cross_attention_blocks == attention_blocks == 4  # after every self-attention block
     assert "4 cross-attention blocks" in describe_text_conditioning(unet)
     assert text_conditioning_record(unet) == {"shape": [3, 8, 12], "prompts": ["p0", "p1", ""],
                                               "encoder": "test@0"}
@@ -145,7 +146,8 @@ def test_class_unet_has_no_prompt_table_to_attach_later():
     """The seed bug (table loaded after the model: no cross-attention existed) cannot be written: a
     network is built with its table or without one, and the one without has nothing to attach to."""
     unet = _unet()
-    assert unet.prompts is None and unet.context_dim is None and unet.num_cross_attention == 0
+    assert unet.prompts is None and unet.context_dim is None
+    assert not any(isinstance(m, CrossAttentionBlock) for m in unet.modules())
     assert prompt_context_of(unet) is None and describe_text_conditioning(unet) is None
     assert not any(hasattr(unet, name) for name in ("set_prompt_table", "attach_prompts", "load_prompts"))
 

@@ -235,6 +235,8 @@ DAMAGES = {
     "too many class names": lambda path, table: save_raw(path, table, class_names='["a", "b", "c"]'),
     "context 2-D": lambda path, table: save_raw(path, table, context=table.context[:, :, 0].contiguous()),
     "mask shape": lambda path, table: save_raw(path, table, mask=table.mask[:, :4].contiguous()),
+    "zero-width context": lambda path, table: save_raw(path, table, context=table.context[:, :, :0].contiguous()),
+    "deeply nested prompts": lambda path, table: save_raw(path, table, prompts="[" * 100000 + "]" * 100000),
 }
 
 

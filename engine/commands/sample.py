@@ -104,12 +104,15 @@ def main(argv: list[str] | None = None) -> int:
         method, device = run.method, run.device
         settings = sampler_settings(args, run)
         on_latents = method_class(run.config.method.name).trains_on_latents(run.config)
-        if on_latents:
-            method.attached_autoencoder()  # a missing autoencoder fails before any sampling
-        elif args.autoencoder:
+        if args.autoencoder and not on_latents:
             raise UsageError(f"--autoencoder: {args.checkpoint} was trained on pictures, not latents: it decodes nothing")
         if args.prompt and args.labels:
             raise UsageError("--prompt and --labels both choose what to draw: give one of them")
+        if args.prompt and run.data_info.text is None:
+            raise UsageError(f"--prompt: {args.checkpoint} was trained without text conditioning ([text] encoder = "
+                             f"''): choose classes with --labels")
+        if on_latents:
+            method.attached_autoencoder()  # a missing autoencoder fails before any sampling
         if args.prompt:
             labels = [i % len(args.prompt) for i in range(args.n)]
         else:

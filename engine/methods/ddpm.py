@@ -58,6 +58,7 @@ from engine.methods.sections import (
     ModelConfig,
     PrepareConfig,
     TextConfig,
+    check_text_config,
     class_conditional_network,
 )
 from engine.models.unet import UNet
@@ -143,6 +144,7 @@ class DDPM(Method):
     @classmethod
     def validate_config(cls, cfg, check) -> None:
         check_latent_config(cfg, "ddpm", check)
+        check_text_config(cfg, check)
 
     @classmethod
     def from_config(cls, cfg, data) -> DDPM:

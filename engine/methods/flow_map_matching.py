@@ -73,6 +73,7 @@ from engine.methods.sections import (
     ModelConfig,
     PrepareConfig,
     TextConfig,
+    check_text_config,
     class_conditional_network,
 )
 from engine.models.dual_time_unet import DualTimeUNet
@@ -164,6 +165,7 @@ class FlowMapMatching(Method):
         check(not cfg.model.checkpoint, "model.checkpoint",
               "must be false for fmm: torch.func.vmap cannot run through checkpointed U-Net blocks")
         check_latent_config(cfg, "fmm", check)
+        check_text_config(cfg, check)
 
     @classmethod
     def graph_capture_problem(cls, cfg) -> str | None:

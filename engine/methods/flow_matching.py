@@ -51,6 +51,7 @@ from engine.methods.sections import (
     ModelConfig,
     PrepareConfig,
     TextConfig,
+    check_text_config,
     class_conditional_network,
 )
 from engine.models.unet import UNet
@@ -179,6 +180,7 @@ class FlowMatching(Method):
     @classmethod
     def validate_config(cls, cfg, check) -> None:
         check_latent_config(cfg, "fm", check)
+        check_text_config(cfg, check)
 
     @classmethod
     def from_config(cls, cfg, data) -> FlowMatching:

@@ -104,9 +104,11 @@ def grid_noise(labels: torch.Tensor | None, shape: tuple[int, ...], generator: t
     each class (in cell order) starts from noise n_k, and n_0, n_1, ... are independent draws. In
     grid_layout's one-row-per-class grid, column k is noise n_k seen through every class, which is
     "a different noise per class column, the same noise across the rows (the classes)"; in its
-    one-column-per-class grid the same holds with rows and columns swapped. Conditioning is then the
-    only difference between cells at one position: a model that ignores its label draws them
-    identical, and a working one makes each class visibly its own from the same start.
+    one-column-per-class grid the same holds with rows and columns swapped. With a deterministic
+    sampler (DDIM at eta 0, the ODE samplers) conditioning is then the only difference between cells
+    at one position: a model that ignores its label draws them identical, and a working one makes
+    each class visibly its own from the same start. (Stochastic samplers, DDPM or DDIM at eta > 0,
+    draw fresh noise per cell at every step, which blurs that comparison.)
     Deterministic for a generator seeded the same way."""
     n = shape[0]
     if labels is None:

@@ -58,6 +58,14 @@ class TextConfig:
         check("{}" in self.template, "template", "needs {} where the class name goes, e.g. 'a photo of {}'")
 
 
+def check_text_config(cfg, check) -> None:
+    """Text conditioning is read through cross-attention, which sits at model.attention_resolutions."""
+    if cfg.text.enabled:
+        check(bool(cfg.model.attention_resolutions), "model.attention_resolutions",
+              "is empty, but [text] conditioning is read through cross-attention, which sits where self-attention "
+              "does: list at least one feature-map side")
+
+
 def prompt_table_for(text: TextConfig | None, data):
     """The prompt table (engine.text.PromptTable) a text-conditioned network is built from, or None.
 
@@ -97,6 +105,8 @@ def typed_prompts(method: torch.nn.Module, prompts: list[str]) -> Iterator[None]
     if table is None:
         raise ValueError("this run was trained without text conditioning ([text] encoder = ''): it takes class "
                          "labels (--labels), not prompts")
+    if not all(prompt.strip() for prompt in prompts):
+        raise ValueError('--prompt "" is the unconditional row: sample it with --cfg 0, or give a prompt with words')
     if len(prompts) > table.null_label:
         raise ValueError(f"{len(prompts)} prompts at once, but this model's table has {table.null_label} prompt "
                          f"rows to stand in for; sample at most {table.null_label} prompts per call")

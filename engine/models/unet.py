@@ -271,10 +271,6 @@ class UNet(nn.Module):
         """Width D of the prompt context (from the table the network was built with), None without text."""
         return None if self.prompts is None else self.prompts.context.shape[2]
 
-    @property
-    def num_cross_attention(self) -> int:
-        return sum(isinstance(m, CrossAttentionBlock) for m in self.modules())
-
     def embed(self, t: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         """t [B] float (integer-valued or continuous; the sinusoid sees it unscaled), labels [B] long
         or None (= NULL for all) -> emb [B, time_embed_dim]."""
