@@ -32,16 +32,15 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from engine.data.base import Batch
-from engine.methods.base import LossOutput, Method
+from engine.methods.base import LossOutput
 from engine.methods.generation import (
+    GenerativeMethod,
     check_labels,
-    check_latent_config,
     grid_layout,
     grid_noise,
     latent_scaling,
     noise,
     to_pictures,
-    uses_latents,
 )
 from engine.methods.schedules import (
     NoiseSchedule,
@@ -58,7 +57,6 @@ from engine.methods.sections import (
     ModelConfig,
     PrepareConfig,
     TextConfig,
-    check_text_config,
     class_conditional_network,
 )
 from engine.models.unet import UNet
@@ -104,13 +102,14 @@ def ddim_timesteps(num_timesteps: int, steps: int) -> list[int]:
     return [round((num_timesteps - 1) * (steps - 1 - i) / (steps - 1)) for i in range(steps)]
 
 
-class DDPM(Method):
+class DDPM(GenerativeMethod):
     """`model(x_t [B, C, H, W], t [B] float, labels [B] long or None) -> [B, C, H, W]` is the
     network (a UNet); labels index classes 0..num_classes-1 and num_classes is the NULL class.
     `latent_scaling`: None on pixels; on latents, the factor they were multiplied by (see
     generation.latent_scaling)."""
 
     name = "ddpm"
+    section = "ddpm"
     config_sections: ClassVar[dict[str, type]] = {"model": ModelConfig, "ddpm": DDPMConfig,
                                                   "autoencoder": AutoencoderConfig, "prepare": PrepareConfig,
                                                   "text": TextConfig}
@@ -128,23 +127,11 @@ class DDPM(Method):
         self.prediction = ddpm.prediction
         self.loss_kind = ddpm.loss
         self.label_drop_prob = ddpm.label_drop_prob
-        self.latent = latent_scaling is not None
-        # A buffer, so a checkpoint decodes with the factor its latents were made with; pixel runs keep
-        # it out of their checkpoints.
-        self.register_buffer("scaling_factor", torch.tensor(float(latent_scaling or 0.0)), persistent=self.latent)
+        self.hold_latent_scaling(latent_scaling)
         self.clip_denoised = not self.latent if ddpm.clip_denoised == "auto" else ddpm.clip_denoised
         self.grid_settings = ddpm  # sampler, sample_steps, eta, cfg_scale of the sample grids
         self.grid_size = grid_size
         self.schedule = NoiseSchedule(make_betas(ddpm.schedule, ddpm.timesteps, ddpm.beta_start, ddpm.beta_end))
-
-    @classmethod
-    def trains_on_latents(cls, cfg) -> bool:
-        return uses_latents(cfg, "ddpm")
-
-    @classmethod
-    def validate_config(cls, cfg, check) -> None:
-        check_latent_config(cfg, "ddpm", check)
-        check_text_config(cfg, check)
 
     @classmethod
     def from_config(cls, cfg, data) -> DDPM:

@@ -55,10 +55,10 @@ from tqdm.auto import tqdm
 
 import kernels
 from engine.data.base import Batch
-from engine.methods.base import LossOutput, Method
+from engine.methods.base import LossOutput
 from engine.methods.generation import (
+    GenerativeMethod,
     check_labels,
-    check_latent_config,
     evaluate_samples,
     grid_layout,
     grid_noise,
@@ -66,14 +66,12 @@ from engine.methods.generation import (
     latent_scaling,
     noise,
     to_pictures,
-    uses_latents,
 )
 from engine.methods.sections import (
     AutoencoderConfig,
     ModelConfig,
     PrepareConfig,
     TextConfig,
-    check_text_config,
     class_conditional_network,
 )
 from engine.models.dual_time_unet import DualTimeUNet
@@ -129,12 +127,13 @@ class FirstBatchForever:
         return repeat(next(iter(self.source.batches(0, batch_size))))
 
 
-class FlowMapMatching(Method):
+class FlowMapMatching(GenerativeMethod):
     """`model(x [B, C, H, W], s [B], t [B], labels [B] or None) -> v [B, C, H, W]` (a DualTimeUNet,
     times already scaled by TIME_SCALE); num_classes is the NULL label. `latent_scaling`: None on
     pixels; on latents, the factor they were multiplied by (see generation.latent_scaling)."""
 
     name = "fmm"
+    section = "fmm"
     config_sections: ClassVar[dict[str, type]] = {"model": ModelConfig, "fmm": FlowMapConfig,
                                                   "autoencoder": AutoencoderConfig, "prepare": PrepareConfig,
                                                   "text": TextConfig}
@@ -151,21 +150,13 @@ class FlowMapMatching(Method):
         self.grad_accum = grad_accum
         # Training micro-batches seen: the curriculum's clock (optimizer step = this // grad_accum).
         self.register_buffer("micro_batches", torch.zeros((), dtype=torch.long))
-        self.latent = latent_scaling is not None
-        # A buffer, so a checkpoint decodes with the factor its latents were made with; pixel runs keep
-        # it out of their checkpoints.
-        self.register_buffer("scaling_factor", torch.tensor(float(latent_scaling or 0.0)), persistent=self.latent)
-
-    @classmethod
-    def trains_on_latents(cls, cfg) -> bool:
-        return uses_latents(cfg, "fmm")
+        self.hold_latent_scaling(latent_scaling)
 
     @classmethod
     def validate_config(cls, cfg, check) -> None:
         check(not cfg.model.checkpoint, "model.checkpoint",
               "must be false for fmm: torch.func.vmap cannot run through checkpointed U-Net blocks")
-        check_latent_config(cfg, "fmm", check)
-        check_text_config(cfg, check)
+        super().validate_config(cfg, check)
 
     @classmethod
     def graph_capture_problem(cls, cfg) -> str | None:

@@ -32,10 +32,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from engine.data.base import Batch
-from engine.methods.base import LossOutput, Method
+from engine.methods.base import LossOutput
 from engine.methods.generation import (
+    GenerativeMethod,
     check_labels,
-    check_latent_config,
     evaluate_samples,
     grid_layout,
     grid_noise,
@@ -43,7 +43,6 @@ from engine.methods.generation import (
     latent_scaling,
     noise,
     to_pictures,
-    uses_latents,
 )
 from engine.methods.ode import SOLVERS, Tableau, rk_step
 from engine.methods.sections import (
@@ -51,7 +50,6 @@ from engine.methods.sections import (
     ModelConfig,
     PrepareConfig,
     TextConfig,
-    check_text_config,
     class_conditional_network,
 )
 from engine.models.unet import UNet
@@ -149,12 +147,13 @@ def dopri5(field, x: torch.Tensor, first_step: float, rtol: float, atol: float, 
     return x, evaluations
 
 
-class FlowMatching(Method):
+class FlowMatching(GenerativeMethod):
     """`model(x_t [B, C, H, W], t [B] float, labels [B] or None) -> velocity [B, C, H, W]` (a UNet);
     labels index classes 0..num_classes-1 and num_classes is the NULL class. `latent_scaling`: None
     on pixels; on latents, the factor they were multiplied by (see generation.latent_scaling)."""
 
     name = "fm"
+    section = "fm"
     config_sections: ClassVar[dict[str, type]] = {"model": ModelConfig, "fm": FlowMatchingConfig,
                                                   "autoencoder": AutoencoderConfig, "prepare": PrepareConfig,
                                                   "text": TextConfig}
@@ -168,19 +167,7 @@ class FlowMatching(Method):
         self.num_classes = num_classes
         self.settings = fm  # path, time sampling and the grids' sampler
         self.grid_size = grid_size
-        self.latent = latent_scaling is not None
-        # A buffer, so a checkpoint decodes with the factor its latents were made with; pixel runs keep
-        # it out of their checkpoints.
-        self.register_buffer("scaling_factor", torch.tensor(float(latent_scaling or 0.0)), persistent=self.latent)
-
-    @classmethod
-    def trains_on_latents(cls, cfg) -> bool:
-        return uses_latents(cfg, "fm")
-
-    @classmethod
-    def validate_config(cls, cfg, check) -> None:
-        check_latent_config(cfg, "fm", check)
-        check_text_config(cfg, check)
+        self.hold_latent_scaling(latent_scaling)
 
     @classmethod
     def from_config(cls, cfg, data) -> FlowMatching:

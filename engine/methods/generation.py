@@ -31,11 +31,13 @@ compare when they share a latents file.
 from __future__ import annotations
 
 import math
+from typing import ClassVar
 
 import torch
 
 from engine.data.base import Batch, DataInfo
-from engine.methods.sections import check_prepare_sizes
+from engine.methods.base import Method
+from engine.methods.sections import check_prepare_sizes, check_text_config
 
 QUALITY_DIRECTIONS = 256
 QUALITY_SEED = 0
@@ -119,6 +121,30 @@ def grid_noise(labels: torch.Tensor | None, shape: tuple[int, ...], generator: t
         position = ((labels[:, None] == labels[None, :]) & earlier).sum(dim=1)
     noises = noise((int(position.max()) + 1, *shape[1:]), generator, device)
     return noises[position.to(device)]
+
+
+class GenerativeMethod(Method):
+    """What ddpm, fm and fmm share beyond their maths: their own config section (`section`) says
+    whether they train on latents (`uses_latents`), the latent and [text] config rules, and the
+    latents' scaling factor held as a buffer."""
+
+    section: ClassVar[str]
+
+    @classmethod
+    def trains_on_latents(cls, cfg) -> bool:
+        return uses_latents(cfg, cls.section)
+
+    @classmethod
+    def validate_config(cls, cfg, check) -> None:
+        check_latent_config(cfg, cls.section, check)
+        check_text_config(cfg, check)
+
+    def hold_latent_scaling(self, latent_scaling: float | None) -> None:
+        """`latent_scaling`: None on pixels; on latents, the factor they were multiplied by
+        (`latent_scaling(...)`). A buffer, so a checkpoint decodes with the factor its latents were
+        made with; pixel runs keep it out of their checkpoints."""
+        self.latent = latent_scaling is not None
+        self.register_buffer("scaling_factor", torch.tensor(float(latent_scaling or 0.0)), persistent=self.latent)
 
 
 def uses_latents(cfg, section: str) -> bool:
