@@ -163,6 +163,14 @@ class TrainState:
 
     def restore(self, checkpoint: ckpt.Checkpoint, cfg: Config) -> None:
         """Weights, EMA and train state from `checkpoint`, then the current config's optimizer settings."""
+        saved, current = checkpoint.data_info().get("text"), text_conditioning_record(self.method)
+        if saved != current:
+            # A table of another text but the same shape would load without a shape error: the weights
+            # would then condition on prompts they were never trained with.
+            raise ckpt.CheckpointError(
+                f"{checkpoint.path} was trained with the prompt table {_describe_text(saved)}, but this config "
+                f"builds {_describe_text(current)}: resume with the [text] settings it was trained with, or "
+                f"train into a new run.dir")
         checkpoint.load_into(self.method, ema=False)
         if self.ema is not None:
             checkpoint.load_into(self.ema.module, ema=True)  # its update count: below
@@ -476,8 +484,12 @@ def finish(s: Session, evaluate: bool) -> None:
         with phase("evaluation"):
             results = method.evaluate(s.data, s.cfg.eval.per_class)
         if results:
-            width = max(len(k) for k in results)
-            tqdm.write("evaluation:\n" + "\n".join(f"  {k:<{width}}  {v:.5g}" for k, v in results.items()))
+            if hasattr(method, "format_evaluation"):  # a method's own layout (LGT: tables and a verdict)
+                text = method.format_evaluation(results)
+            else:
+                width = max(len(k) for k in results)
+                text = "\n".join(f"  {k:<{width}}  {v:.5g}" for k, v in results.items())
+            tqdm.write("evaluation:\n" + text)
             if s.metrics is not None:
                 s.metrics.scalars(s.state.step, {f"eval/{k}": v for k, v in results.items()})
     if s.metrics is not None:
@@ -532,6 +544,12 @@ def save_checkpoint(s: Session) -> None:
                 config=s.cfg, data_info=_data_info(s),
                 keep=s.cfg.checkpoint.keep)
         s.world.barrier()
+
+
+def _describe_text(record: dict | None) -> str:
+    if record is None:
+        return "none (class conditioning)"
+    return f"{record['shape']} of prompts {record['prompts']} by {record['encoder']}"
 
 
 def _data_info(s: Session) -> dict:

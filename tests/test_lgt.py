@@ -371,7 +371,7 @@ def test_evaluation_transports_per_class_contents_into_each_style(tmp_path, seed
     results = method.evaluate(data, per_class=2, progress=False)
     # K styles x per_class contents (not every content into every style), in one batched call.
     assert transported == [[0, 0, 1, 1, 2, 2]]
-    assert {key.split("/")[0] for key in results} == {"swd_before", "swd_after", "ssm"}
+    assert {key.split("/")[0] for key in results} == {"swd_before", "swd_after", "ssm", "quality"}
     assert results == method.evaluate(data, per_class=2, progress=False)  # fixed seed: comparable runs
 
 

@@ -108,11 +108,12 @@ def test_the_checkpoint_carries_the_prompt_table(trained_run):
 
 def test_resuming_with_another_prompt_table_is_an_error_naming_the_keys(trained_run, tmp_path):
     """The seed resumed a checkpoint into a model whose cross-attention had other shapes and skipped the
-    mismatched weights silently; here the resume stops and names them."""
+    mismatched weights silently; here the resume stops and names the tables (the weights' keys are
+    named by load_weights: tests/test_cross_attention.py)."""
     run_dir = tmp_path / "run"
     images = two_class_folder(tmp_path / "images")
     train(text_config(run_dir, images, "--train.steps=2", "--checkpoint.every=2"))
-    with pytest.raises(CheckpointError, match=r"not in the model: .*model\.prompts\.\* \(2\)"):
+    with pytest.raises(CheckpointError, match=r"trained with the prompt table \[3, 16, 256\].*builds none"):
         train(text_config(run_dir, images, "--train.steps=4", "--text.encoder=", "--checkpoint.every=2"))
 
 
@@ -165,3 +166,28 @@ def test_a_table_from_engine_embed_text_trains_and_must_match_the_classes(tmp_pa
     assert embed_text.main(["--classes", "cat,dog", "--out", str(other)]) == 0
     with pytest.raises(ValueError, match="made for the classes"):
         train(text_config(tmp_path / "run2", images, "--text.encoder=", f"--text.table={other}", "--train.steps=2"))
+
+
+def test_resuming_with_other_prompts_of_the_same_shape_is_an_error(tmp_path):
+    """Another template gives a table of the same shape, which would load without a shape error."""
+    run_dir, images = tmp_path / "run", two_class_folder(tmp_path / "images")
+    train(text_config(run_dir, images, "--train.steps=2", "--checkpoint.every=2"))
+    other = ["a lump of coal", "sunny snow"]
+    with pytest.raises(CheckpointError, match="resume with the \\[text\\] settings"):
+        train(text_config(run_dir, images, "--train.steps=4", f"--text.prompts={other}"))
+
+
+def test_text_without_attention_is_a_config_error(tmp_path):
+    from engine.options import ConfigError
+
+    with pytest.raises(ConfigError, match="model.attention_resolutions"):
+        text_config(tmp_path / "run", tmp_path, "--model.attention_resolutions=[]")
+
+
+def test_prompt_on_a_class_run_is_a_usage_error(tmp_path, capsys):
+    run_dir, images = tmp_path / "run", two_class_folder(tmp_path / "images")
+    train(text_config(run_dir, images, "--text.encoder=", "--text.prompts=[]", "--train.steps=1"))
+    argv = ["--checkpoint", str(run_dir), "--prompt", "snow", "--n", "1", "--steps", "1", "--device", "cpu",
+            "--out", str(tmp_path / "x.png")]
+    assert sample_command.main(argv) == 2
+    assert "trained without text conditioning" in capsys.readouterr().err

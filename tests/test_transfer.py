@@ -112,13 +112,29 @@ def test_transfer_of_a_folder_and_of_latent_rows_to_named_styles(lgt_run, tmp_pa
         assert grid.size == grid_shape(3, 1 + 1)
 
 
-def test_eval_prints_swd_before_and_after_and_ssm_per_style(lgt_run, capsys):
+def evaluation_table(out: str) -> tuple[list[str], list[str]]:
+    """(the per-style rows, the quality block) of engine-transfer --eval's output."""
+    lines = out.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.split()[:1] == ["style"])
+    blank = lines.index("", header)
+    return lines[header:blank], lines[blank + 1:]
+
+
+def test_eval_prints_a_row_per_style_and_the_quality_table_against_identity_and_swap(lgt_run, capsys):
     run, _, _ = lgt_run
     assert main(["--checkpoint", str(run), "--eval", "--device", "cpu"]) == 0
-    lines = capsys.readouterr().out.splitlines()
-    assert lines[1].split() == ["style", "swd_before", "swd_after", "ssm"]
-    assert [line.split()[0] for line in lines[2:]] == list(STYLES)
-    assert all(float(value) >= 0 for line in lines[2:] for value in line.split()[1:])
+    out = capsys.readouterr().out
+    per_style, quality = evaluation_table(out)
+    assert per_style[0].split() == ["style", "swd_before", "swd_after", "ssm", "style_acc"]
+    assert [line.split()[0] for line in per_style[1:]] == list(STYLES)
+    assert all(float(value) >= 0 for line in per_style[1:] for value in line.split()[1:])
+    assert quality[1].split() == ["metric", "identity", "swap", "LGT"]
+    rows = {line.split("(")[0].strip(): line.split(")")[-1].split() for line in quality[2:5]}
+    assert list(rows) == ["style accuracy", "SSM to content", "SSIM luminance <=32px"]
+    assert rows["SSM to content"][0] == "0.0000" and rows["SSIM luminance <=32px"][0] == "1.0000"  # identity
+    assert any(line.strip().startswith("verdict: ") for line in quality)
+    # The run's autoencoder decodes (SSIM is measured); its latents are not built-in: no crops to rebuild.
+    assert "the autoencoder's reconstruction skipped: the latents are not builtin:textures" in out
 
 
 def test_unknown_style_is_refused_listing_the_valid_ones(lgt_run, tmp_path, capsys):
@@ -158,7 +174,8 @@ def test_eval_runs_on_the_device_asked_for_not_the_one_the_run_trained_on(lgt_ru
                          ema_state=checkpoint.model_state(ema=True), train_state=checkpoint.train_state(),
                          config=cfg, data_info=checkpoint.data_info(), keep=1)
     assert main(["--checkpoint", str(gpu_run), "--eval", "--device", "cpu", "--per-class", "1"]) == 0
-    assert [line.split()[0] for line in capsys.readouterr().out.splitlines()[2:]] == list(STYLES)
+    per_style, _ = evaluation_table(capsys.readouterr().out)
+    assert [line.split()[0] for line in per_style[1:]] == list(STYLES)
 
 
 @pytest.mark.parametrize("bad", [["--steps", "0"], ["--cfg", "nan"], ["--per-class", "0"]])

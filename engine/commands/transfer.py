@@ -30,6 +30,7 @@ from engine.commands import (
 from engine.data.base import class_ids
 from engine.data.images import IMAGE_SUFFIXES
 from engine.data.latents import read_latents
+from engine.methods.lgt_quality import format_evaluation
 from engine.pictures import load_image, save_grid
 from engine.runs import load_run
 
@@ -143,13 +144,9 @@ def read_content_latents(path: str, rows: str | None, seed: int, shape: tuple, d
 
 
 def print_evaluation(results: dict[str, float]) -> None:
-    """One row per style: SWD to the style before and after transport, SSM distance to the content."""
-    styles = list(dict.fromkeys(key.split("/", 1)[1] for key in results))
-    width = max(len("style"), *(len(s) for s in styles))
-    print(f"{'style':<{width}}  {'swd_before':>10}  {'swd_after':>10}  {'ssm':>10}")
-    for style in styles:
-        print(f"{style:<{width}}  " + "  ".join(f"{results[f'{k}/{style}']:>10.5g}"
-                                                for k in ("swd_before", "swd_after", "ssm")))
+    """One row per style (SWD to the style before and after transport, SSM distance to the content,
+    style accuracy), then the quality protocol: metric | identity | swap | LGT, and its verdict."""
+    print(format_evaluation(results))
 
 
 def transfer(args: argparse.Namespace) -> None:

@@ -26,6 +26,7 @@ with the factor its latents were made with.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import ClassVar
@@ -44,6 +45,14 @@ from engine.methods.lgt_energy import (
     hutchinson_divergence,
     random_directions,
     random_probe,
+)
+from engine.methods.lgt_quality import (
+    accuracy,
+    format_evaluation,
+    reconstruction_quality,
+    train_style_classifier,
+    transport_quality,
+    verdict,
 )
 from engine.methods.ode import SOLVERS, integrate, integrate_with_aux
 from engine.methods.sections import (
@@ -345,8 +354,13 @@ class LGT(Method):
             swd_after/s   the same for the transported latents (lower: closer to style s)
             ssm/s         SSM distance between the transported latents and their contents
 
-        It transports K x per_class latents, TRANSFER_BATCH rows per network call. Fixed seed,
-        directions and subsets, so the numbers of different runs compare."""
+        then the quality protocol of engine/methods/lgt_quality.py on the same contents and targets
+        (quality/*: style accuracy, content metrics against the identity and swap transports, the
+        autoencoder's reconstructions, quality/pass = 1 when LGT passes its verdict).
+
+        It transports K x per_class latents, TRANSFER_BATCH rows per network call, and trains one
+        small style classifier (a fixed number of steps). Fixed seed, directions and subsets, so the
+        numbers of different runs compare and two calls give the same numbers."""
         if not isinstance(data, LatentSource):
             raise ValueError("LGT evaluation needs the run's latents (a LatentSource), not only its "  # noqa: TRY004
                              "data info")
@@ -376,7 +390,74 @@ class LGT(Method):
             results[f"swd_after/{name}"] = global_patch_swd(moved[rows], real, theta, swd.kernel_size,
                                                             swd.max_samples, seeded()).item()
             results[f"ssm/{name}"] = ssm(moved[rows], content, seeded()).item()
+        results.update(self._quality(data, per_class, contents, targets, moved, progress))
         return results
+
+    def _quality(self, data: LatentSource, per_class: int, contents: torch.Tensor, targets: torch.Tensor,
+                 moved: torch.Tensor, progress: bool) -> dict[str, float]:
+        """The quality/* numbers of `evaluate` (see engine/methods/lgt_quality.py): LGT's transports
+        `moved` of `contents` to `targets`, and the identity and swap transports of the same pairs.
+        What cannot be measured (no autoencoder, data not built-in) is skipped with one note. With
+        lgt.holdout_per_style = 0 the "held-out" latents are training latents, which flatters
+        quality/classifier_acc_real."""
+        device = self.scaling_factor.device
+        on_data = data.latents.device
+        swap_rows = data.style_index.sample_rows_of(targets.to(on_data), torch.Generator(on_data).manual_seed(EVAL_SEED))
+        swap = data.latents[swap_rows].to(device).float()  # real training latents of the targets
+        classifier = train_style_classifier(data.latents.to(device), data.labels.to(device), self.num_styles,
+                                            EVAL_SEED, progress=progress)
+        real, real_styles = evaluation_latents(data, per_class)
+        decode, missing = self._picture_decoder(contents[:1])
+        results = transport_quality({"identity": contents, "swap": swap, "lgt": moved}, contents, targets,
+                                    classifier, self.class_names, decode)
+        results["quality/classifier_acc_real"] = accuracy(classifier.predict(real.to(device)), real_styles.to(device))
+        if decode is not None:
+            crops, missing = self._reconstruction_crops(data, contents.shape[0])
+            if crops is not None:
+                results.update(reconstruction_quality(self.attached_autoencoder().to(device), crops))
+        if missing:
+            tqdm.write(f"evaluation: {missing}")
+        results["quality/pass"] = float(verdict(results)[0])
+        return results
+
+    def _picture_decoder(self, probe: torch.Tensor) -> tuple[Callable[[torch.Tensor], torch.Tensor] | None, str]:
+        """(latents -> pictures with the attached autoencoder, "") when it decodes `probe`, else
+        (None, a note saying what is skipped and why)."""
+
+        def decode(latents: torch.Tensor) -> torch.Tensor:
+            return self.latents_to_images(latents, float(self.scaling_factor), strict=True)
+
+        try:
+            decode(probe)
+        except (OSError, ValueError, ImportError, RuntimeError) as err:
+            return None, f"SSIM and the autoencoder's reconstructions skipped: cannot decode the latents ({err})"
+        return decode, ""
+
+    def _reconstruction_crops(self, data: LatentSource, count: int) -> tuple[torch.Tensor | None, str]:
+        """(`count` fresh crops [count, C, S, S] of the built-in pictures at the side the latents were
+        encoded from, "") for the autoencoder's reconstruction quality, or (None, why not).
+
+        Built-in latents are recognised by their class names (the built-in pictures, in order). The
+        crops come from Stream.GRID, counter 1 (the sample grids' noise uses counter 0), with EVAL_SEED:
+        the same crops for every run, never the preparation's (Stream.PREPARE) draws."""
+        from engine.data.base import Stream, batch_seed
+        from engine.data.builtin import BUILTIN_PICTURES, BuiltinTextures
+
+        if list(data.class_names) != list(BUILTIN_PICTURES):
+            return None, ("the autoencoder's reconstruction skipped: the latents are not builtin:textures "
+                          "(no source pictures to compare with)")
+        autoencoder = self.attached_autoencoder()
+        side = self.latent_shape[1] * getattr(autoencoder, "downsampling", 0)
+        if side == 0:
+            return None, "the autoencoder's reconstruction skipped: the autoencoder has no spatial latents"
+        generator = torch.Generator().manual_seed(batch_seed(EVAL_SEED, 0, 1, Stream.GRID))
+        crops = BuiltinTextures(side, flip=True, seed=EVAL_SEED).draw_crops(count, generator).x
+        return (crops.mean(dim=1, keepdim=True) if autoencoder.in_channels == 1 else crops), ""
+
+    @staticmethod
+    def format_evaluation(results: dict[str, float]) -> str:
+        """`evaluate`'s results as text: a row per style, then the quality table and its verdict."""
+        return format_evaluation(results)
 
     def _evaluation_pairs(self, data: LatentSource, per_class: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(contents [K * per_class, C, H, W], their target styles): for each style, `per_class`
