@@ -137,6 +137,21 @@ def test_eval_prints_a_row_per_style_and_the_quality_table_against_identity_and_
     assert "the autoencoder's reconstruction skipped: the latents are not builtin:textures" in out
 
 
+def test_eval_takes_the_guidance_scale_asked_for(lgt_run, capsys, monkeypatch):
+    """--eval --cfg S evaluates the transport guided at S (the run's lgt.cfg_scale by default)."""
+    from engine.methods.lgt import LGT
+
+    run, _, _ = lgt_run
+    scales = []
+    transfer = LGT.transfer
+    monkeypatch.setattr(LGT, "transfer", lambda self, *a, **k: scales.append(self.cfg_scale) or transfer(self, *a, **k))
+    for extra, expected in (([], 2.0), (["--cfg", "0.5"], 0.5)):
+        scales.clear()
+        assert main(["--checkpoint", str(run), "--eval", "--device", "cpu", *extra]) == 0
+        assert capsys.readouterr().out.splitlines()[0].endswith(f"cfg {expected}")
+        assert scales and set(scales) == {expected}
+
+
 def test_unknown_style_is_refused_listing_the_valid_ones(lgt_run, tmp_path, capsys):
     run, images, _ = lgt_run
     assert main(["--checkpoint", str(run), "--content", str(images / "dots"), "--style", "brick",

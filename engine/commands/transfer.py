@@ -60,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
                                        f"{DEFAULT_LATENT_ROWS} rows drawn with --seed)")
     parser.add_argument("--style", default="all", help="'all', or comma-separated style ids or names")
     parser.add_argument("--cfg", type=non_negative_float, default=None,
-                        help="classifier-free guidance scale (default: lgt.cfg_scale of the run)")
+                        help="classifier-free guidance scale of the transfer, or of --eval (default: "
+                             "lgt.cfg_scale of the run)")
     parser.add_argument("--steps", type=at_least(1), default=None,
                         help="solver steps (default: ode.steps of the run)")
     parser.add_argument("--solver", choices=("euler", "heun", "rk4"), default=None,
@@ -154,7 +155,9 @@ def transfer(args: argparse.Namespace) -> None:
                    methods=("lgt",), hint=" (diffusion runs: engine-sample)")
     method, device = run.method, run.device
     if args.eval:
-        print(f"evaluating step {run.step} of {args.checkpoint} on {run.config.data.source}")
+        if args.cfg is not None:  # evaluate the transport at this guidance scale
+            method.cfg_scale = args.cfg
+        print(f"evaluating step {run.step} of {args.checkpoint} on {run.config.data.source}, cfg {method.cfg_scale}")
         print_evaluation(method.evaluate(run.training_data(), args.per_class or run.config.eval.per_class))
         return
     styles = parse_styles(args.style, method.class_names)
