@@ -40,6 +40,7 @@ from engine.distributed import World, resolve_device
 from engine.encode import encode_dataset
 from engine.filelock import exclusive_lock
 from engine.methods import method_class
+from engine.stages import skipped, stage
 from engine.train import train
 
 BUILTIN_AUTOENCODER_LR = 5e-4  # short runs: higher than the LGT default, still stable with clipping
@@ -136,9 +137,13 @@ def train_builtin_autoencoder(cfg: Config, may_prepare: bool = True) -> Path:
             raise NotPrepared(f"the built-in autoencoder is not trained yet in {run_dir}")
         tqdm.write(f"builtin:textures latents: training the built-in autoencoder ({ae.train.steps} steps on "
                    f"{ae.data.image_size}px crops) in {run_dir}; later runs reuse it")
-        if train(ae, distributed=False).stopped_early:
+        with stage("autoencoder", f"{ae.train.steps} steps"):
+            stopped_early = train(ae, distributed=False).stopped_early
+        if stopped_early:
             raise RunInterrupted(f"the built-in autoencoder's training was stopped before its {ae.train.steps} "
                                  f"steps; run the same command again to resume it (from {run_dir})")
+    else:
+        skipped("autoencoder", "cached")
     return run_dir
 
 
@@ -175,6 +180,9 @@ def prepare_builtin_latents(cfg: Config, device: torch.device, may_prepare: bool
             raise NotPrepared(f"the built-in latents {out} are not encoded yet")
         tqdm.write(f"builtin:textures latents: encoding {cfg.prepare.crops} crops of {size}px with "
                    f"{identity.path} into {out}; later runs reuse it")
-        encode_dataset(autoencoder, identity, _builtin_crop_batches(cfg), cfg.prepare.crops,
-                       list(BUILTIN_PICTURES), out, desc="encoding builtin:textures")
+        with stage("encoding", f"{cfg.prepare.crops} crops"):
+            encode_dataset(autoencoder, identity, _builtin_crop_batches(cfg), cfg.prepare.crops,
+                           list(BUILTIN_PICTURES), out, desc="encoding builtin:textures")
+    else:
+        skipped("encoding", "cached")
     return out, identity.path

@@ -43,6 +43,7 @@ from engine.models.unet import describe_text_conditioning, text_conditioning_rec
 from engine.pictures import grid_for_tensorboard, save_grid
 from engine.profiling import phase
 from engine.safe_files import write_text_atomic
+from engine.stages import stage
 
 
 class NonFiniteLossError(RuntimeError):
@@ -303,7 +304,8 @@ def train(cfg: Config, should_stop: Callable[[int], bool] | None = None, *,
                 held.enter_context(run_directory_lock(Path(cfg.run.dir)))
             session = setup(cfg, world)
             start_step = session.state.step
-            stopped_early = run_steps(session, should_stop or (lambda step: False))
+            with stage("training", f"steps {start_step} -> {cfg.train.steps}"):
+                stopped_early = run_steps(session, should_stop or (lambda step: False))
             finish(session, evaluate=not stopped_early and session.state.step > start_step)
             return TrainResult(step=session.state.step, run_dir=session.run_dir, stopped_early=stopped_early)
     finally:
@@ -481,7 +483,7 @@ def finish(s: Session, evaluate: bool) -> None:
     if evaluate and s.world.is_main and s.cfg.eval.at_end:
         method = s.state.ema.module if s.state.ema else s.state.method
         method.eval()
-        with phase("evaluation"):
+        with phase("evaluation"), stage("evaluation", f"{s.cfg.eval.per_class} per class"):
             results = method.evaluate(s.data, s.cfg.eval.per_class)
         if results:
             if hasattr(method, "format_evaluation"):  # a method's own layout (LGT: tables and a verdict)

@@ -17,7 +17,9 @@ from engine.commands import EXIT_INTERRUPTED, run_command
 from engine.commands.plan import add_plan_arguments, print_plan
 from engine.config import describe_options, load_config, with_absolute_paths
 from engine.distributed import World
+from engine.methods import method_class
 from engine.prepare import prepare
+from engine.stages import run_stages
 from engine.train import train
 
 PROG = "engine-train"
@@ -37,6 +39,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def planned_stages(cfg) -> list[str]:
+    """The stages this run can go through (engine/stages.py); preparation's only for built-in latents."""
+    names = ["training", "evaluation"] if cfg.eval.at_end else ["training"]
+    if method_class(cfg.method.name).trains_on_latents(cfg) and cfg.data.source == "builtin:textures":
+        names = ["encoding", *names] if cfg.data.autoencoder else ["autoencoder", "encoding", *names]
+    return names
+
+
 def main(argv: list[str] | None = None) -> int:
     args, overrides = build_parser().parse_known_args(argv)
 
@@ -47,7 +57,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.print_config:
             print(cfg.to_toml(), end="")
             return 0
-        result = train(prepare(cfg, World.from_environment()))
+        with run_stages(planned_stages(cfg)):
+            result = train(prepare(cfg, World.from_environment()))
         state = "stopped early; rerun the same command to resume" if result.stopped_early else "done"
         print(f"{state}: step {result.step}, run directory {result.run_dir}")
         return EXIT_INTERRUPTED if result.stopped_early else 0
