@@ -64,14 +64,19 @@ class ResBlock(nn.Module):
         return self.skip(x) + h
 
 
+def check_heads(channels: int, num_heads: int) -> None:
+    """The heads of an attention block split its channels evenly."""
+    if channels % num_heads:
+        raise ValueError(f"model.num_heads={num_heads} must divide the {channels} channels of an attention "
+                         "block; pick num_heads dividing channels * every attended channel_mult")
+
+
 class AttentionBlock(nn.Module):
     """Multi-head self-attention over the H*W positions: GN -> qkv 1x1 -> attention -> proj 1x1 (zero-init), + x."""
 
     def __init__(self, channels: int, num_heads: int, num_groups: int):
         super().__init__()
-        if channels % num_heads:
-            raise ValueError(f"model.num_heads={num_heads} must divide the {channels} channels of an attention "
-                             "block; pick num_heads dividing channels * every attended channel_mult")
+        check_heads(channels, num_heads)
         self.num_heads = num_heads
         self.norm = GroupNorm(channels, num_groups, act=False)
         self.qkv = nn.Conv2d(channels, 3 * channels, 1)
@@ -88,9 +93,7 @@ class CrossAttentionBlock(nn.Module):
 
     def __init__(self, channels: int, context_dim: int, num_heads: int, num_groups: int):
         super().__init__()
-        if channels % num_heads:
-            raise ValueError(f"model.num_heads={num_heads} must divide the {channels} channels of a "
-                             "cross-attention block; pick num_heads dividing channels * every attended channel_mult")
+        check_heads(channels, num_heads)
         self.num_heads = num_heads
         self.norm = GroupNorm(channels, num_groups, act=False)
         self.to_q = nn.Conv2d(channels, channels, 1)
