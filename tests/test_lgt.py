@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import kernels
 from engine.config import load_config
@@ -22,6 +23,7 @@ from engine.methods.lgt_energy import (
     random_probe,
 )
 from engine.methods.ode import SOLVERS
+from engine.options import ConfigError
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "lgt_4070.toml"
 TINY_MODEL = ["--model.channels=16", "--model.channel_mult=[1,2]", "--model.attention_resolutions=[4]",
@@ -255,6 +257,31 @@ def test_energies_are_fp32_under_bf16_autocast(seed, energy):
     without = energy(x.bfloat16(), y.bfloat16(), torch.Generator().manual_seed(seed))
     torch.testing.assert_close(autocast, without)
     assert plain.dtype == torch.float32
+
+
+@pytest.mark.parametrize("per_sample", [True, False])
+def test_multi_scale_swd_averages_the_swd_of_pooled_latents(seed, per_sample):
+    """scales (1, 2): the mean of the plain SWD and of the SWD of 2x2-pooled latents, each scale drawing
+    its own directions in turn from the generator; (1,) is the plain SWD."""
+    x, y = torch.randn(3, 4, 7, 9), torch.randn(3, 4, 7, 9)  # odd sides: pooling floors them
+    single = PatchSWD(8, 3, per_sample, max_samples=40)
+    multi = PatchSWD(8, 3, per_sample, max_samples=40, scales=(1, 2))
+    generator = torch.Generator().manual_seed(seed)
+    expected = (single(x, y, generator) + single(F.avg_pool2d(x, 2), F.avg_pool2d(y, 2), generator)) / 2
+    torch.testing.assert_close(multi(x, y, torch.Generator().manual_seed(seed)), expected)
+    torch.testing.assert_close(PatchSWD(8, 3, per_sample, max_samples=40, scales=(1,))(
+        x, y, torch.Generator().manual_seed(seed)), single(x, y, torch.Generator().manual_seed(seed)))
+
+
+def test_swd_scales_beyond_the_latents_are_refused(tmp_path):
+    path = write_synthetic_latents(tmp_path / "latents.safetensors", [4, 4], seed=0)  # 8x8 latents
+    no_holdout = "--lgt.holdout_per_style=0"
+    cfg = load_config(None, ["--method.name=lgt", f"--data.source=latents:{path}", "--swd.scales=[1,16]", no_holdout,
+                             *TINY_MODEL])
+    with pytest.raises(ValueError, match="swd.scales"):
+        LGT.from_config(cfg, LGT.training_data(cfg, 0, 1, torch.device("cpu")))
+    with pytest.raises(ConfigError, match="swd.scales"):
+        load_config(None, ["--method.name=lgt", "--swd.scales=[2,2]"])
 
 
 def test_hutchinson_divergence_estimates_the_trace_of_the_jacobian(seed):

@@ -112,11 +112,15 @@ class SWDConfig:
     kernel_size: int = option(3, "patch side k (odd)")
     per_sample: bool = option(True, "stratified per-sample SWD (kernels.patch_swd); false = global pool")
     max_samples: int = option(8192, "patches drawn from the pooled batch by the global variant")
+    scales: list[int] = option([1], "average-pooling factors the SWD is also taken at (multi-scale patches: "
+                               "[1, 2] adds 2x2-pooled latents, whose patches see twice the extent); averaged")
 
     def validate(self, check):
         check(self.num_projections >= 1, "num_projections", "must be >= 1")
         check(self.kernel_size >= 1 and self.kernel_size % 2 == 1, "kernel_size", "must be odd and >= 1")
         check(self.max_samples >= 1, "max_samples", "must be >= 1")
+        check(len(self.scales) >= 1 and all(f >= 1 for f in self.scales) and len(set(self.scales)) == len(self.scales),
+              "scales", "must be distinct factors >= 1, e.g. [1, 2]")
 
 
 @dataclass
@@ -187,8 +191,11 @@ class LGT(Method):
         self.div_probe = lgt_cfg.div_probe
         self.cfg_scale = lgt_cfg.cfg_scale
         self.solver, self.steps, self.checkpoint_steps = ode_cfg.solver, ode_cfg.steps, ode_cfg.checkpoint
+        if max(swd_cfg.scales) > min(self.latent_shape[1:]):
+            raise ValueError(f"swd.scales {swd_cfg.scales}: a factor above the latents' side {min(self.latent_shape[1:])} "
+                             f"pools them to nothing; use factors up to it")
         self.style_energy = PatchSWD(swd_cfg.num_projections, swd_cfg.kernel_size, swd_cfg.per_sample,
-                                     swd_cfg.max_samples)
+                                     swd_cfg.max_samples, tuple(swd_cfg.scales))
         self.content_energy = SelfSimilarity(ssm_cfg.max_spatial_samples)
         self.register_buffer("scaling_factor", torch.tensor(float(scaling_factor)))
         self._data = NotOwned(data)

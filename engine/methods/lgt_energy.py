@@ -81,21 +81,28 @@ class PatchSWD:
     """Style energy: patch SWD with `num_projections` directions redrawn on every call.
 
     per_sample: kernels.patch_swd, row b of x against row b of y (a "stratified" SWD: every
-    reference is matched with its own transported latent). Otherwise `global_patch_swd`."""
+    reference is matched with its own transported latent). Otherwise `global_patch_swd`.
+    scales: the SWD is taken at each factor f of `scales`, on both sides average-pooled f x f (k x k
+    patches of the pooled latents see (k f) x (k f) of the original: larger structures), and the
+    energies are averaged; (1,) is the plain patch SWD. Each scale draws its own directions."""
 
     num_projections: int = 64
     kernel_size: int = 3
     per_sample: bool = True
     max_samples: int = 8192
+    scales: tuple[int, ...] = (1,)
 
     def __call__(self, x: Tensor, y: Tensor, generator: torch.Generator | None = None) -> Tensor:
         with fp32_region(x.device):
             x, y = x.float(), y.float()
-            theta = random_directions(self.num_projections, x.shape[1] * self.kernel_size ** 2, x.device,
-                                      generator)
-            if self.per_sample:
-                return kernels.patch_swd(x, y, theta, self.kernel_size)
-            return global_patch_swd(x, y, theta, self.kernel_size, self.max_samples, generator)
+            return sum(self._at_scale(F.avg_pool2d(x, f) if f > 1 else x, F.avg_pool2d(y, f) if f > 1 else y,
+                                      generator) for f in self.scales) / len(self.scales)
+
+    def _at_scale(self, x: Tensor, y: Tensor, generator: torch.Generator | None) -> Tensor:
+        theta = random_directions(self.num_projections, x.shape[1] * self.kernel_size ** 2, x.device, generator)
+        if self.per_sample:
+            return kernels.patch_swd(x, y, theta, self.kernel_size)
+        return global_patch_swd(x, y, theta, self.kernel_size, self.max_samples, generator)
 
 
 @dataclass(frozen=True)
