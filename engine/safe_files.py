@@ -5,6 +5,11 @@ here: the content is written to a temporary file created exclusively next to the
 (O_CREAT | O_EXCL | O_NOFOLLOW: it cannot already exist, as a file or as a symlink someone planted),
 fsync'ed, and renamed over the target (os.replace replaces a symlink at the target itself rather
 than writing through it); the directory is fsync'ed so the rename survives a power cut.
+
+Reading the engine's own safetensors files (latents, prompt tables), which users hand over and so
+are untrusted: `read_tensor_file` gives the tensors a format needs and its metadata, or a ValueError
+that names the file and says how to make it again (safetensors never runs code; this adds the
+checks of what the file holds).
 """
 
 from __future__ import annotations
@@ -14,6 +19,9 @@ import os
 import secrets
 from collections.abc import Iterator
 from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
 
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 
@@ -77,3 +85,23 @@ def write_bytes_atomic(target: str | Path, data: bytes) -> None:
 
 def write_text_atomic(target: str | Path, text: str) -> None:
     write_bytes_atomic(target, text.encode())
+
+
+def read_tensor_file(path: Path, what: str, keys: tuple[str, ...], file_format: str, hint: str,
+                     device: str | torch.device = "cpu") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """({key: tensor} for `keys`, onto `device`; the metadata) of the `what` file at `path` (e.g.
+    "latents file"), whose metadata "format" must be `file_format`; ValueError naming the file
+    and ending in `hint` when it is truncated, corrupt, lacks a tensor or is of another format."""
+    try:
+        with safe_open(str(path), framework="pt", device=str(device)) as f:
+            metadata = f.metadata() or {}
+            held = set(f.keys())
+            if not set(keys) <= held:
+                expected = " and ".join(repr(key) for key in keys)
+                raise ValueError(f"{what} {path} holds tensors {sorted(held)}, expected {expected}; {hint}")
+            tensors = {key: f.get_tensor(key) for key in keys}
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"cannot read {what} {path}: it is truncated or corrupt ({err}); {hint}") from err
+    if metadata.get("format") != file_format:
+        raise ValueError(f"{what} {path} has format {metadata.get('format')!r}, expected {file_format!r}; {hint}")
+    return tensors, metadata

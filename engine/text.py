@@ -31,10 +31,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from engine.safe_files import replacing
+from engine.safe_files import read_tensor_file, replacing
 
 TABLE_FORMAT = "engine-prompts/1"
 DEFAULT_TEMPLATE = "a photo of {}"
@@ -311,23 +310,10 @@ def read_prompt_table(path: str | Path) -> PromptTable:
     if not path.is_file():
         raise FileNotFoundError(f"prompt table not found: {path}; run engine-embed-text first "
                                 f"(engine-embed-text --classes NAME,NAME --out {path})")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-            keys = set(f.keys())
-            if not {"context", "mask"} <= keys:
-                raise ValueError(f"prompt table {path} holds tensors {sorted(keys)}, expected 'context' and "
-                                 f"'mask'; {RERUN_HINT}")
-            context, mask = f.get_tensor("context"), f.get_tensor("mask")
-    except (SafetensorError, OSError) as err:
-        raise ValueError(f"cannot read prompt table {path}: it is truncated or corrupt ({err}); "
-                         f"{RERUN_HINT}") from err
-    if metadata.get("format") != TABLE_FORMAT:
-        raise ValueError(f"prompt table {path} has format {metadata.get('format')!r}, expected "
-                         f"{TABLE_FORMAT!r}; {RERUN_HINT}")
+    tensors, metadata = read_tensor_file(path, "prompt table", ("context", "mask"), TABLE_FORMAT, RERUN_HINT)
     try:
         prompts, class_names = json.loads(metadata["prompts"]), json.loads(metadata["class_names"])
-        table = PromptTable(context, mask, prompts, metadata["encoder"], class_names)
+        table = PromptTable(tensors["context"], tensors["mask"], prompts, metadata["encoder"], class_names)
     except (KeyError, ValueError, RecursionError) as err:  # RecursionError: absurdly nested JSON
         raise ValueError(f"prompt table {path}: metadata is missing or malformed ({type(err).__name__}); "
                          f"{RERUN_HINT}") from err

@@ -30,7 +30,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from engine.data.base import Batch, Stream, batch_seed
-from engine.safe_files import replacing
+from engine.safe_files import read_tensor_file, replacing
 
 FORMAT = "engine-latents/1"
 RERUN_HINT = "re-run engine-encode to write it again"
@@ -84,22 +84,9 @@ def read_latents(path: str | Path, device: str | torch.device = "cpu") -> Latent
         raise FileNotFoundError(f"latents file not found: {path}; run engine-encode first "
                                 f"(engine-encode --images DIR --autoencoder CKPT --out {path}), or, for latents "
                                 f"prepared from builtin:textures, rerun engine-train with the run's config")
+    tensors, metadata = read_tensor_file(path, "latents file", ("latents", "labels"), FORMAT, RERUN_HINT, device)
     try:
-        with safe_open(str(path), framework="pt", device=str(device)) as f:
-            metadata = f.metadata() or {}
-            keys = set(f.keys())
-            if not {"latents", "labels"} <= keys:
-                raise ValueError(f"latents file {path} holds tensors {sorted(keys)}, expected 'latents' and "
-                                 f"'labels'; {RERUN_HINT}")
-            latents, labels = f.get_tensor("latents"), f.get_tensor("labels")
-    except (SafetensorError, OSError) as err:
-        raise ValueError(f"cannot read latents file {path}: it is truncated or corrupt ({err}); "
-                         f"{RERUN_HINT}") from err
-    if metadata.get("format") != FORMAT:
-        raise ValueError(f"latents file {path} has format {metadata.get('format')!r}, expected {FORMAT!r}; "
-                         f"{RERUN_HINT}")
-    try:
-        data = LatentFile(latents, labels, json.loads(metadata["class_names"]),
+        data = LatentFile(tensors["latents"], tensors["labels"], json.loads(metadata["class_names"]),
                           float(metadata["scaling_factor"]),
                           AutoencoderIdentity(metadata["autoencoder"], metadata["autoencoder_hash"]),
                           metadata["posterior"])
